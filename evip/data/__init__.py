@@ -1,0 +1,1 @@
+"""Streaming image-text data: sources -> mixture -> samples -> packs, resumable to the sample."""
