@@ -1,0 +1,172 @@
+"""Mono-InternVL: a decoder-only LLM whose layers carry visual experts, fed image patches directly.
+
+    model = MonoInternVL(cfg)                     # random init (deterministic under torch.manual_seed)
+    with torch.device("meta"):                    # or: no memory at all, for loading a 2B checkpoint;
+        model = MonoInternVL(cfg)                 #     then model.to_empty(device=...) and load
+    out = model(**batch)                          # batch as in evip/batch.py -> ModelOutput
+
+Parameter names (state_dict keys) are a contract with weights.py and groups.py:
+`vision.*`, `mlp1.*`, `tok_embeddings`, `layers.{i}.{attention_norm, attention, attention_ve,
+ffn_norm, feed_forward, feed_forward_ve}.*`, `norm`, `output` (absent when the head is tied).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from evip.model.config import ModelConfig
+from evip.model.decoder import DecoderLayer
+from evip.model.kv_cache import KVCache
+from evip.model.loss import packed_lm_loss
+from evip.model.norm import RMSNorm
+from evip.model.packed_attention import AttentionContext, cached_context, choose_impl, packed_context
+from evip.model.rope import rope_for
+from evip.model.routing import Routing
+from evip.model.vision import PatchEmbedding, build_projector, shuffle_patches
+
+INIT_STD = 0.02
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                             # [B, T, V], model dtype
+    loss: Optional[torch.Tensor] = None              # mean CE over labelled positions
+    loss_sum: Optional[torch.Tensor] = None          # fp32 scalar
+    num_tokens: Optional[torch.Tensor] = None        # int64 scalar
+    kind_loss_sum: Optional[torch.Tensor] = None     # fp32 [3]: caption, chat, text
+    kind_num_tokens: Optional[torch.Tensor] = None   # int64 [3]
+
+
+class MonoInternVL(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = PatchEmbedding(cfg)
+        self.mlp1 = build_projector(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    # ---- initialisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init, in module order (deterministic under torch.manual_seed): normal(0, 0.02)
+        for linear/conv/embedding weights and the class/position embeddings, zero biases, unit
+        norms. Call after `to_empty()` when the model was built on the meta device."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.normal_(module.weight, std=INIT_STD)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, PatchEmbedding):
+                nn.init.normal_(module.class_embedding, std=INIT_STD)
+                nn.init.normal_(module.position_embedding, std=INIT_STD)
+
+    # ---- embedding ------------------------------------------------------------------------
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> [N, tokens_per_tile, H]."""
+        s = self.cfg.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
+            raise ValueError(f"pixel_values must have shape [N, 3, {s}, {s}] (ModelConfig.image_size={s}), "
+                             f"got {list(pixel_values.shape)}")
+        patches = self.vision(pixel_values)
+        return self.mlp1(shuffle_patches(patches, self.cfg.downsample_ratio))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with image embeddings written at the <IMG_CONTEXT> positions.
+        Returns (embeddings [B, T, H], image mask [B, T])."""
+        image_mask = input_ids == self.cfg.img_context_token_id
+        h = self.tok_embeddings(input_ids)
+        num_image_tokens = int(image_mask.sum().item())
+        num_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        expected = num_tiles * self.cfg.tokens_per_tile
+        if num_image_tokens != expected:
+            raise ValueError(
+                f"input_ids hold {num_image_tokens} <IMG_CONTEXT> tokens (id {self.cfg.img_context_token_id}) "
+                f"but pixel_values has {num_tiles} tiles x {self.cfg.tokens_per_tile} tokens per tile = {expected}")
+        if num_tiles:
+            images = self.embed_images(pixel_values).to(h.dtype)
+            b, t, hidden = h.shape
+            idx = image_mask.reshape(-1).nonzero().squeeze(1)
+            h = h.reshape(b * t, hidden).index_copy(0, idx, images.reshape(-1, hidden)).view(b, t, hidden)
+        return h, image_mask
+
+    # ---- decoder --------------------------------------------------------------------------
+    def decode(self, h: torch.Tensor, image_mask: torch.Tensor, position_ids: torch.Tensor,
+               ctx: AttentionContext, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Run the layers and the final norm on embeddings h [B, T, H]."""
+        rope = rope_for(position_ids, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        routing = Routing.from_mask(image_mask)
+        use_ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                h = checkpoint(layer, h, rope, ctx, routing, cache, use_reentrant=False)
+            else:
+                h = layer(h, rope, ctx, routing, cache)
+        return self.norm(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return h @ weight.t()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                seq_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, kind_ids: Optional[torch.Tensor] = None,
+                *, kv_cache: Optional[KVCache] = None) -> ModelOutput:
+        """A packed micro-batch (evip/batch.py) -> ModelOutput. With `kv_cache` (generation, B=1),
+        the tokens continue the cached ones and positions default to follow them."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got {list(input_ids.shape)}")
+        b, t = input_ids.shape
+        past = 0 if kv_cache is None else kv_cache.length
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        if seq_ids is None:
+            seq_ids = torch.zeros_like(input_ids)
+        for name, tensor in (("position_ids", position_ids), ("seq_ids", seq_ids), ("labels", labels),
+                             ("kind_ids", kind_ids)):
+            if tensor is not None and tensor.shape != input_ids.shape:
+                raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, "
+                                 f"got {list(tensor.shape)}")
+        h, image_mask = self.embed(input_ids, pixel_values)
+        if kv_cache is None:
+            ctx = packed_context(seq_ids, choose_impl(self.cfg.attn_impl, h.dtype, h.device))
+        else:
+            if b != 1:
+                raise ValueError(f"decoding with a KV cache takes one sample (B=1), got B={b}")
+            ctx = cached_context(t, past, h.device)
+        logits = self.head(self.decode(h, image_mask, position_ids, ctx, kv_cache))
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        if labels is None:
+            return ModelOutput(logits=logits)
+        parts = packed_lm_loss(logits, labels, seq_ids, kind_ids)
+        return ModelOutput(logits, parts.loss, parts.loss_sum, parts.num_tokens, parts.kind_loss_sum,
+                           parts.kind_num_tokens)
+
+    # ---- generation -----------------------------------------------------------------------
+    def new_kv_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        p = self.tok_embeddings.weight
+        return KVCache(self.cfg.num_layers, batch, self.cfg.num_kv_heads, self.cfg.head_dim, max_len,
+                       p.dtype, p.device)
+
+    def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: Optional[torch.Generator] = None, eos_token_id: Optional[int] = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """New tokens [1, n] after the prompt input_ids [1, T] (see generate.py)."""
+        from evip.model.generate import generate
+        return generate(self, input_ids, pixel_values, max_new_tokens, temperature, top_p, generator,
+                        eos_token_id, use_cache)

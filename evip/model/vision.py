@@ -1,0 +1,71 @@
+"""Images into the LLM without a vision encoder: patch embedding, pixel shuffle, projector.
+
+    pixels [N, 3, S, S] -> Conv2d(14 px) -> + class/position embedding (class token dropped)
+      -> [N, g, g, D] -> pixel shuffle (0.5) -> [N, g/2 * g/2, 4D] -> mlp1 -> [N, tokens, H]
+
+Exactly InternVL's `InternVisionEmbeddings` + `extract_feature` for Mono-InternVL (whose
+"vision model" is the embeddings only).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evip.model.config import ModelConfig
+
+
+def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+    """InternVL's "v2" pixel shuffle; x [n, w, h, c] -> [n, w*s, h*s, c/s^2]."""
+    n, w, h, c = x.size()
+    x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    return x
+
+
+class PatchEmbedding(nn.Module):
+    """Conv patchify + class and (bicubically interpolated) position embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.vision_hidden_size
+        self.grid = cfg.grid
+        self.patch_embedding = nn.Conv2d(3, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.class_embedding = nn.Parameter(torch.empty(1, 1, d))
+        self.position_embedding = nn.Parameter(torch.empty(1, 1 + cfg.grid * cfg.grid, d))
+
+    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+        pos = self.position_embedding[:, 1:, :]
+        dtype = pos.dtype
+        pos = pos.float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+        return pos.reshape(1, -1, h * w).permute(0, 2, 1).to(dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> [N, g*g, D] patch tokens (class token dropped after adding positions)."""
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype))         # [N, D, gh, gw]
+        n, _, gh, gw = patches.shape
+        patches = patches.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(n, 1, -1).to(dtype)
+        emb = torch.cat([cls, patches], dim=1)
+        pos = torch.cat([self.position_embedding[:, :1, :], self._pos_embed(gh, gw)], dim=1)
+        emb = emb + pos.to(dtype)
+        return emb[:, 1:, :]
+
+
+def build_projector(cfg: ModelConfig) -> nn.Sequential:
+    """`mlp1`: LayerNorm(4D) -> Linear(4D, H) -> GELU -> Linear(H, H) (for ratio 0.5)."""
+    d_in = int(cfg.vision_hidden_size / (cfg.downsample_ratio ** 2))
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, cfg.hidden_size), nn.GELU(),
+                         nn.Linear(cfg.hidden_size, cfg.hidden_size))
+
+
+def shuffle_patches(patch_tokens: torch.Tensor, downsample_ratio: float) -> torch.Tensor:
+    """[N, g*g, D] -> [N, (g*r)^2, D/r^2], InternVL's reshape -> pixel_shuffle -> reshape."""
+    n, num, d = patch_tokens.shape
+    g = int(num ** 0.5)
+    x = pixel_shuffle(patch_tokens.reshape(n, g, g, d), scale_factor=downsample_ratio)
+    return x.reshape(n, -1, x.shape[-1])
