@@ -1,0 +1,194 @@
+"""Images: encoded bytes -> normalised tiles, with InternVL's dynamic tiling.
+
+    proc = ImageProcessor(ImageConfig(max_tiles=6), tile_size=448)
+    tiles = proc(jpeg_bytes)            # FloatTensor [n_tiles, 3, 448, 448]
+
+Order of work, cheapest first, so a bad image costs almost nothing:
+1. `Image.open` reads only the header: size and format. An image whose header claims more than
+   `bomb_pixels` pixels is refused (BadSample 'bomb') before a single pixel is decoded.
+2. The tile grid is chosen from the header size with InternVL's `dynamic_preprocess` rule
+   (`choose_grid`; identical, tie rule included).
+3. JPEGs much larger than the target are decoded at 1/2, 1/4 or 1/8 scale (`Image.draft`, DCT
+   scaling), never below the size the grid and thumbnail need. Other formats decode in full.
+4. Alpha (RGBA, LA, P with transparency) is composited on white; every mode becomes RGB.
+5. `max_pixels`: the grid is chosen for the image scaled down (aspect kept) to that many pixels.
+6. Resize the decoded image straight to the grid with PIL bicubic (what InternVL's `image.resize` does), crop tiles
+   row-major, append a thumbnail of the whole image when there is more than one tile.
+7. ImageNet mean/std normalisation.
+Anything PIL cannot decode (garbage, truncated bytes) raises BadSample('decode').
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from evip.data.record import BadSample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageConfig:
+    min_tiles: int = 1
+    max_tiles: int = 6                 # InternVL SFT: 6 (+ thumbnail); inference often 12
+    use_thumbnail: bool = True         # append a whole-image tile when the grid has > 1 tile
+    max_pixels: int = 0                # 0: no cap; else scale images down to at most this many pixels
+    bomb_pixels: int = 100_000_000     # header size above this: refused before decoding
+    jpeg_draft: bool = True            # decode big JPEGs at reduced DCT scale
+    split_tiles_across_images: bool = True  # multi-image: each image gets max_tiles // n_images (InternVL)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def __post_init__(self):
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ValueError(f"image.min_tiles={self.min_tiles} and image.max_tiles={self.max_tiles}: "
+                             "need 1 <= min_tiles <= max_tiles")
+
+
+def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """The candidate grids (columns, rows), built and ordered exactly as InternVL does:
+    a set of (i, j) with min_num <= i*j <= max_num, sorted (stably) by i*j."""
+    ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1)
+                 for j in range(1, n + 1) if min_num <= i * j <= max_num)
+    return sorted(ratios, key=lambda x: x[0] * x[1])
+
+
+def choose_grid(width: int, height: int, tile: int, min_num: int, max_num: int) -> tuple[int, int]:
+    """(columns, rows) of InternVL's `find_closest_aspect_ratio`: the grid whose aspect ratio is
+    closest to width/height; on a tie the later (larger) grid wins when the image area exceeds
+    half the grid's pixel area."""
+    aspect = width / height
+    area = width * height
+    best_diff, best = float("inf"), (1, 1)
+    for ratio in target_ratios(min_num, max_num):
+        diff = abs(aspect - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff, best = diff, ratio
+        elif diff == best_diff and area > 0.5 * tile * tile * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def tile_image(img: Image.Image, tile: int, min_num: int, max_num: int, use_thumbnail: bool,
+               grid: tuple[int, int] | None = None) -> list[Image.Image]:
+    """InternVL's `dynamic_preprocess` on an RGB image: resize to the grid, crop row-major,
+    thumbnail last. `grid` (columns, rows) may be given when chosen from the original size."""
+    cols, rows = grid or choose_grid(img.width, img.height, tile, min_num, max_num)
+    resized = img.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC)
+    tiles = [resized.crop(((k % cols) * tile, (k // cols) * tile,
+                           (k % cols + 1) * tile, (k // cols + 1) * tile)) for k in range(cols * rows)]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(img.resize((tile, tile), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparent pixels become white (not black, as `.convert('RGB')` does)."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)      # 16/32-bit grey: scale to 8 bits
+        hi = arr.max() or 1.0
+        img = Image.fromarray((arr * (255.0 / hi)).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def capped_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(w, h) scaled down (aspect kept) so that w*h <= max_pixels; unchanged if already below."""
+    if not max_pixels or width * height <= max_pixels:
+        return width, height
+    s = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * s)), max(1, int(height * s))
+
+
+def open_header(data: bytes, bomb_pixels: int) -> Image.Image:
+    """Open lazily (header only) and refuse bombs before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadSample("bomb", str(e)) from None
+    except Exception as e:  # UnidentifiedImageError, truncated headers, ...
+        raise BadSample("decode", f"{type(e).__name__}: {e}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise BadSample("decode", f"header claims a {w}x{h} image")
+    if w * h > bomb_pixels:
+        raise BadSample("bomb", f"header claims {w}x{h} = {w * h} pixels > image.bomb_pixels={bomb_pixels}")
+    return img
+
+
+def decode(data: bytes, cfg: ImageConfig, need: tuple[int, int] | None = None) -> Image.Image:
+    """Bytes -> RGB image (bomb-guarded). With `need` = (w, h) the smallest size still needed, a
+    JPEG may be decoded at a reduced DCT scale (only when it is at least twice as large)."""
+    img = open_header(data, cfg.bomb_pixels)
+    if need is not None and cfg.jpeg_draft and img.format == "JPEG":
+        if img.width >= 2 * need[0] and img.height >= 2 * need[1]:
+            img.draft("RGB", need)   # picks the largest 1/2^k scale that stays >= need
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+        return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise BadSample("bomb", str(e)) from None
+    except Exception as e:  # OSError('image file is truncated'), SyntaxError, ValueError...
+        raise BadSample("decode", f"{type(e).__name__}: {e}") from None
+
+
+class ImageProcessor:
+    """Encoded image -> FloatTensor [n_tiles, 3, tile, tile]; see the module docstring."""
+
+    def __init__(self, cfg: ImageConfig, tile_size: int):
+        self.cfg = cfg
+        self.tile = int(tile_size)
+        self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+
+    def header_size(self, data: bytes) -> tuple[int, int]:
+        """(width, height) from the header only (bomb-guarded); for filters."""
+        return open_header(data, self.cfg.bomb_pixels).size
+
+    def grid(self, width: int, height: int, max_tiles: int | None = None) -> tuple[int, int]:
+        """(columns, rows) for an image of this original size (after the max-pixels cap)."""
+        w, h = capped_size(width, height, self.cfg.max_pixels)
+        max_num = max(self.cfg.min_tiles, max_tiles or self.cfg.max_tiles)
+        return choose_grid(w, h, self.tile, self.cfg.min_tiles, max_num)
+
+    def n_tiles(self, grid: tuple[int, int]) -> int:
+        n = grid[0] * grid[1]
+        return n + 1 if self.cfg.use_thumbnail and n > 1 else n
+
+    def pil_tiles(self, data: bytes, max_tiles: int | None = None) -> list[Image.Image]:
+        head = open_header(data, self.cfg.bomb_pixels)
+        w, h = capped_size(*head.size, self.cfg.max_pixels)
+        cols, rows = self.grid(*head.size, max_tiles)
+        need = (self.tile * cols, self.tile * rows)
+        if self.cfg.use_thumbnail and cols * rows > 1:
+            need = (max(need[0], self.tile), max(need[1], self.tile))
+        need = (min(need[0], w), min(need[1], h))   # never upscale the decode target
+        # The grid comes from the (capped) header size; pixels are resized straight from the
+        # decoded (possibly drafted) image to the grid: one resample, never a full-size detour.
+        img = decode(data, self.cfg, need)
+        return tile_image(img, self.tile, self.cfg.min_tiles, cols * rows, self.cfg.use_thumbnail,
+                          grid=(cols, rows))
+
+    def normalise(self, tiles: list[Image.Image]) -> torch.Tensor:
+        arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])          # [n, S, S, 3]
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
+        return (x - self._mean) / self._std
+
+    def __call__(self, data: bytes, max_tiles: int | None = None) -> torch.Tensor:
+        return self.normalise(self.pil_tiles(data, max_tiles))
