@@ -1,0 +1,165 @@
+"""Deterministic synthetic scenes: a few coloured shapes and maybe a short word, with their facts.
+
+A scene is drawn from a seed alone (`render_scene(seed)`), so the same seed always gives the
+same pixels and the same facts. Objects sit in distinct named slots (left, right, top, bottom,
+centre) so every fact is unambiguous: "the red circle is on the left", "there are 3 shapes",
+"the word is 'fish'". Each (colour, shape) pair occurs at most once per scene, so a referring
+expression like "red circle" names exactly one object (what grounding needs).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import random
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 200, 20),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+# Slot centres as fractions of the image side; shape radius RADIUS * side keeps slots disjoint.
+SLOTS: dict[str, tuple[float, float]] = {
+    "left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
+    "centre": (0.5, 0.5),
+}
+RADIUS = 0.13
+WORD_WIDTH = 0.3            # a word may span this fraction of the side (its slot's room)
+WORDS = ("cat", "dog", "sun", "map", "box", "fish", "tree", "milk", "cup", "bus",
+         "hat", "key", "pen", "egg", "car", "bird", "moon", "book", "door", "rain")
+WORD_COLOUR = (20, 20, 20)
+BACKGROUND = (245, 245, 240)
+MAX_SHAPES = 4
+
+
+@dataclass
+class SceneObject:
+    shape: str                     # one of SHAPES
+    colour: str                    # one of COLOURS
+    position: str                  # one of SLOTS
+    center: tuple[int, int]        # pixel centre (x, y)
+    box: tuple[int, int, int, int]  # pixel box x1, y1, x2, y2 (inclusive-exclusive, like PIL)
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class SceneWord:
+    text: str
+    position: str
+    box: tuple[int, int, int, int]
+
+
+@dataclass
+class Scene:
+    seed: int
+    size: int
+    objects: list[SceneObject] = field(default_factory=list)
+    word: SceneWord | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def count(self, shape: str | None = None, colour: str | None = None) -> int:
+        return sum(1 for o in self.objects
+                   if (shape is None or o.shape == shape) and (colour is None or o.colour == colour))
+
+
+def _star_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    pts = []
+    for i in range(10):
+        rad = r if i % 2 == 0 else r * 0.45
+        a = -math.pi / 2 + i * math.pi / 5
+        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+    return pts
+
+
+def _triangle_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(a), cy + r * math.sin(a))
+            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+
+
+def _box_of(points: list[tuple[float, float]]) -> tuple[int, int, int, int]:
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return (math.floor(min(xs)), math.floor(min(ys)), math.ceil(max(xs)), math.ceil(max(ys)))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
+                rgb: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    if shape == "circle":
+        box = (math.floor(cx - r), math.floor(cy - r), math.ceil(cx + r), math.ceil(cy + r))
+        draw.ellipse(box, fill=rgb)
+        return box
+    if shape == "square":
+        s = r * 0.85
+        box = (math.floor(cx - s), math.floor(cy - s), math.ceil(cx + s), math.ceil(cy + s))
+        draw.rectangle(box, fill=rgb)
+        return box
+    if shape == "triangle":
+        pts = _triangle_points(cx, cy, r)
+    elif shape == "star":
+        pts = _star_points(cx, cy, r)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+    draw.polygon(pts, fill=rgb)
+    return _box_of(pts)
+
+
+def sample_layout(rng: random.Random) -> tuple[list[tuple[str, str, str]], tuple[str, str] | None]:
+    """Pick (shape, colour, slot) triples and an optional (word, slot), all slots distinct."""
+    n_shapes = rng.randint(1, MAX_SHAPES)
+    with_word = rng.random() < 0.5 and n_shapes < len(SLOTS)
+    slots = rng.sample(list(SLOTS), n_shapes + int(with_word))
+    pairs = rng.sample([(s, c) for s in SHAPES for c in COLOURS], n_shapes)
+    objects = [(s, c, slot) for (s, c), slot in zip(pairs, slots)]
+    word = (rng.choice(WORDS), slots[-1]) if with_word else None
+    return objects, word
+
+
+@functools.lru_cache(maxsize=256)
+def _fitting_font(text: str, size: int) -> ImageFont.FreeTypeFont:
+    """The largest font (at most 0.15 * size) whose rendering of `text` fits its slot's width."""
+    px = max(6, round(size * 0.15))
+    font = ImageFont.load_default(size=px)
+    while px > 6 and font.getlength(text) > WORD_WIDTH * size:
+        px -= 1
+        font = ImageFont.load_default(size=px)
+    return font
+
+
+def render_scene(seed: int, size: int = 112) -> tuple[Image.Image, Scene]:
+    """Render the scene of `seed` as an RGB image of `size` x `size`; return it with its facts."""
+    if size < 32:
+        raise ValueError(f"scene size {size} too small to draw legible shapes and words (min 32)")
+    rng = random.Random(seed)
+    objects, word = sample_layout(rng)
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    scene = Scene(seed=seed, size=size)
+    r = RADIUS * size
+    for shape, colour, slot in objects:
+        fx, fy = SLOTS[slot]
+        cx, cy = fx * size, fy * size
+        box = _draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
+        scene.objects.append(SceneObject(shape, colour, slot, (round(cx), round(cy)), box))
+    if word is not None:
+        text, slot = word
+        font = _fitting_font(text, size)
+        fx, fy = SLOTS[slot]
+        draw.text((fx * size, fy * size), text, fill=WORD_COLOUR, font=font, anchor="mm")
+        box = draw.textbbox((fx * size, fy * size), text, font=font, anchor="mm")
+        scene.word = SceneWord(text, slot, tuple(int(v) for v in box))
+    return image, scene
+
+
+def box_to_1000(box: tuple[int, int, int, int], size: int) -> list[int]:
+    """A pixel box in InternVL's normalised 0-1000 coordinates (x1, y1, x2, y2), clipped."""
+    return [min(1000, max(0, int(round(v / size * 1000)))) for v in box]

@@ -1,0 +1,152 @@
+"""Texts for each EViP stage, written from a scene's facts (evip/demo/scenes.py).
+
+- S1.1 concept learning: noisy web alt-text (partial, shuffled, typos, irrelevant tags).
+- S1.2 semantic learning: exact dense captions.
+- S1.3 alignment learning: task samples as single-turn chats: grounding in InternVL's
+  `<ref>..</ref><box>[[x1, y1, x2, y2]]</box>` form (0-1000 coordinates), counting, OCR.
+- S2 instruction tuning: multi-turn LLaVA-format conversations.
+- Held-out multiple-choice questions for the final accuracy (evip/demo/accuracy.py).
+
+Every function takes a `random.Random` so that a seed fixes the text as well as the picture.
+"""
+from __future__ import annotations
+
+import random
+
+from evip.demo.scenes import COLOURS, SHAPES, SLOTS, WORDS, Scene, SceneObject, box_to_1000
+
+IMAGE = "<image>"
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+JUNK_TAGS = ("stock photo", "free download", "vector clipart", "hd wallpaper", "royalty free",
+             "illustration", "icon set", "png", "cartoon", "abstract background", "design element",
+             "flat style", "kids", "simple")
+WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
+         "bottom": "at the bottom", "centre": "in the centre"}
+
+
+def _plural(shape: str, n: int) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+def _typo(word: str, rng: random.Random) -> str:
+    if len(word) < 3:
+        return word
+    i = rng.randrange(len(word) - 1)
+    op = rng.randrange(3)
+    if op == 0:                                 # swap two neighbours
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    if op == 1:                                 # drop a letter
+        return word[:i] + word[i + 1:]
+    return word[:i] + word[i] + word[i:]         # double a letter
+
+
+def noisy_alt_text(scene: Scene, rng: random.Random) -> str:
+    """S1.1: web alt-text: some of the objects, words shuffled, typos, junk tags, no grammar."""
+    kept = [o for o in scene.objects if rng.random() < 0.75] or [rng.choice(scene.objects)]
+    words = []
+    for o in kept:
+        words += [o.colour, o.shape] if rng.random() < 0.8 else [o.shape]
+    if scene.word is not None and rng.random() < 0.6:
+        words.append(f'"{scene.word.text}"' if rng.random() < 0.5 else scene.word.text)
+    words = [_typo(w, rng) if rng.random() < 0.15 else w for w in words]
+    if rng.random() < 0.5:
+        rng.shuffle(words)
+    tags = rng.sample(JUNK_TAGS, rng.randint(0, 3))
+    parts = words + tags
+    if rng.random() < 0.3:
+        parts.append(f"img_{rng.randrange(10000):04d}")
+    sep = rng.choice([" ", ", ", " - ", " | "])
+    text = sep.join(parts)
+    return text.upper() if rng.random() < 0.1 else text
+
+
+def _object_phrase(o: SceneObject) -> str:
+    return f"a {o.name} {WHERE[o.position]}"
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def dense_caption(scene: Scene) -> str:
+    """S1.2: an exact caption stating every object, its colour and place, the count and the word."""
+    n = len(scene.objects)
+    text = f"The image shows {NUMBER_WORDS[n]} {_plural('shape', n)}: "
+    text += _join([_object_phrase(o) for o in scene.objects]) + "."
+    if scene.word is not None:
+        text += f' The word "{scene.word.text}" is written in black {WHERE[scene.word.position]}.'
+    return text
+
+
+def grounding_answer(o: SceneObject, size: int) -> str:
+    x1, y1, x2, y2 = box_to_1000(o.box, size)
+    return f"<ref>{o.name}</ref><box>[[{x1}, {y1}, {x2}, {y2}]]</box>"
+
+
+def task_sample(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    """S1.3: one (task, question, answer): grounding, counting or OCR (OCR only with a word)."""
+    tasks = ["grounding", "counting", "counting"] + (["ocr", "ocr"] if scene.word else [])
+    task = rng.choice(tasks)
+    if task == "grounding":
+        o = rng.choice(scene.objects)
+        q = ("Please provide the bounding box coordinate of the region this sentence describes: "
+             f"<ref>{o.name}</ref>")
+        return task, q, grounding_answer(o, scene.size)
+    if task == "ocr":
+        return task, "What word is written in the image?", scene.word.text
+    shape = rng.choice([None, *SHAPES])
+    if shape is None:
+        return task, "How many shapes are there in the image?", str(len(scene.objects))
+    return task, f"How many {shape}s are there in the image?", str(scene.count(shape=shape))
+
+
+def _chat_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    o = rng.choice(scene.objects)
+    kind = rng.randrange(6)
+    if kind == 0:
+        return "Describe the image.", dense_caption(scene)
+    if kind == 1:
+        return f"What colour is the {o.shape} {WHERE[o.position]}?", f"It is {o.colour}."
+    if kind == 2:
+        return f"Where is the {o.name}?", f"The {o.name} is {WHERE[o.position]}."
+    if kind == 3:
+        n = len(scene.objects)
+        return "How many shapes can you see?", f"I can see {NUMBER_WORDS[n]} {_plural('shape', n)}."
+    if kind == 4 and scene.word is not None:
+        return "Is there any text in the image?", f'Yes, the word "{scene.word.text}".'
+    if kind == 4:
+        return "Is there any text in the image?", "No, there is no text in the image."
+    return f"Is there a {o.shape} in the image?", f"Yes, there is a {o.name} {WHERE[o.position]}."
+
+
+def chat(scene: Scene, rng: random.Random, max_turns: int = 3) -> list[dict]:
+    """S2: a LLaVA-format conversation; the first human turn carries the `<image>` placeholder."""
+    turns = []
+    asked = set()
+    for _ in range(rng.randint(1, max_turns)):
+        q, a = _chat_turn(scene, rng)
+        if q in asked:
+            continue
+        asked.add(q)
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    turns[0]["value"] = f"{IMAGE}\n{turns[0]['value']}"
+    return turns
+
+
+def heldout_question(scene: Scene, rng: random.Random) -> dict:
+    """A multiple-choice question with its options and the index of the right one."""
+    o = rng.choice(scene.objects)
+    kind = rng.choice(["colour", "position", "count"] + (["word"] if scene.word else []))
+    if kind == "colour":
+        q, answer, options = (f"What colour is the {o.shape} {WHERE[o.position]}?", o.colour,
+                              list(COLOURS))
+    elif kind == "position":
+        q, answer, options = f"Where is the {o.name}?", o.position, list(SLOTS)
+    elif kind == "count":
+        q, answer = "How many shapes are there in the image?", str(len(scene.objects))
+        options = ["1", "2", "3", "4"]
+    else:
+        distractors = rng.sample([w for w in WORDS if w != scene.word.text], 3)
+        options = sorted([scene.word.text, *distractors])
+        q, answer = "What word is written in the image?", scene.word.text
+    return {"kind": kind, "question": q, "options": options, "answer": options.index(answer)}
