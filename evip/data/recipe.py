@@ -1,0 +1,97 @@
+"""Data recipes: what a stage reads, as a weighted mixture of sources (data_recipes/*.yaml).
+
+    recipe = load_recipe("data_recipes/s2_instruct.yaml", overrides=["sources.0.root=/data/llava"])
+
+Everything that can be checked without reading samples is checked here, before any DataLoader
+worker starts, and each error names the key and the file: a required root left as `???`, a
+pattern that matches no shard, a non-positive weight, an unknown kind, format or template.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import MISSING
+
+from evip.batch import KINDS
+from evip.config import ConfigError, load_config
+
+FORMATS = ("webdataset", "jsonl", "hf")
+# Template names the sample builder understands (evip/data/text.py owns their meaning).
+DEFAULT_TEMPLATES = ("caption", "chat", "text", "grounding", "ocr")
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING
+    kind: str = "caption"                 # caption | chat | text
+    format: str = "webdataset"            # webdataset | jsonl | hf
+    # webdataset: tar paths, globs, brace ranges ("shard-{00000..00099}.tar") or "pipe:CMD";
+    # jsonl: .jsonl files (globs ok); hf: parquet/arrow files, or one `save_to_disk` directory.
+    paths: list[str] = field(default_factory=list)
+    root: str = ""                        # jsonl: directory image paths are relative to
+    weight: float = 1.0                   # relative, > 0
+    template: str = "caption"
+    filters: dict[str, Any] = field(default_factory=dict)   # passed to the sample builder
+    shuffle_within_shard: bool = True     # seeded permutation of members (needs seekable shards)
+    rows_per_shard: int = 1024            # jsonl/hf: rows per virtual shard (unit of work/shuffle)
+    image_column: str = "image"           # hf
+    text_column: str = "text"             # hf (caption/text kinds)
+    conversations_column: str = "conversations"   # hf (chat kind)
+
+
+@dataclass
+class RecipeConfig:
+    name: str = ""
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
+def _templates() -> tuple[str, ...]:
+    try:  # the sample builder's own list, once it exists
+        from evip.data.text import TEMPLATES  # type: ignore[attr-defined]
+        return tuple(TEMPLATES)
+    except (ImportError, AttributeError):
+        return DEFAULT_TEMPLATES
+
+
+def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
+    """Raise ConfigError naming `sources.I.KEY` and the file for the first problem found."""
+    from evip.data.shards import expand_paths
+
+    if not recipe.sources:
+        raise ConfigError(f"'sources' in {where} is empty: list at least one source")
+    names = set()
+    templates = _templates()
+    for i, src in enumerate(recipe.sources):
+        key = f"sources.{i}"
+        if src.name in names:
+            raise ConfigError(f"'{key}.name' in {where}: duplicate source name {src.name!r}")
+        names.add(src.name)
+        if src.kind not in KINDS:
+            raise ConfigError(f"'{key}.kind' in {where}: unknown kind {src.kind!r}; use one of {list(KINDS)}")
+        if src.format not in FORMATS:
+            raise ConfigError(f"'{key}.format' in {where}: unknown format {src.format!r}; "
+                              f"use one of {list(FORMATS)}")
+        if src.template not in templates:
+            raise ConfigError(f"'{key}.template' in {where}: unknown template {src.template!r}; "
+                              f"use one of {list(templates)}")
+        if not src.weight > 0:
+            raise ConfigError(f"'{key}.weight' in {where}: weight must be > 0, got {src.weight}")
+        if src.rows_per_shard < 1:
+            raise ConfigError(f"'{key}.rows_per_shard' in {where}: must be >= 1, got {src.rows_per_shard}")
+        if not src.paths:
+            raise ConfigError(f"'{key}.paths' in {where}: no paths given for source {src.name!r}")
+        for j, pattern in enumerate(src.paths):
+            if not expand_paths([pattern]):
+                raise ConfigError(f"'{key}.paths.{j}' in {where}: no shards match {pattern!r} "
+                                  f"(source {src.name!r}); check the path or fill in its root")
+        if src.format == "jsonl" and src.kind != "text" and src.root and not Path(src.root).is_dir():
+            raise ConfigError(f"'{key}.root' in {where}: image root {src.root!r} is not a directory")
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Load, merge overrides and validate a recipe; raises ConfigError naming key and file."""
+    recipe = load_config(RecipeConfig, [path], overrides)
+    validate_recipe(recipe, str(path))
+    return recipe
