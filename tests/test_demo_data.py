@@ -91,7 +91,7 @@ def test_stage_texts():
         assert sum(t["value"].count("<image>") for t in turns) == 1
         q = tasks.heldout_question(scene, rng)
         truth = {"colour": lambda: next(o.colour for o in scene.objects
-                                        if q["question"].endswith(f"{o.shape} {tasks.WHERE[o.position]}?")),
+                                        if f"{o.shape} {tasks.WHERE[o.position]}?" in q["question"]),
                  "count": lambda: str(len(scene.objects)),
                  "word": lambda: scene.word.text,
                  "position": lambda: next(o.position for o in scene.objects if o.name in q["question"])}

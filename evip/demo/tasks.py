@@ -20,6 +20,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 JUNK_TAGS = ("stock photo", "free download", "vector clipart", "hd wallpaper", "royalty free",
              "illustration", "icon set", "png", "cartoon", "abstract background", "design element",
              "flat style", "kids", "simple")
+SHORT_ANSWER = "Answer with a single word."
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
          "bottom": "at the bottom", "centre": "in the centre"}
 
@@ -102,7 +103,7 @@ def task_sample(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
 
 def _chat_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
     o = rng.choice(scene.objects)
-    kind = rng.randrange(6)
+    kind = rng.randrange(8)
     if kind == 0:
         return "Describe the image.", dense_caption(scene)
     if kind == 1:
@@ -116,6 +117,9 @@ def _chat_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
         return "Is there any text in the image?", f'Yes, the word "{scene.word.text}".'
     if kind == 4:
         return "Is there any text in the image?", "No, there is no text in the image."
+    if kind in (5, 6):               # short answers, as in LLaVA-665k
+        short = short_question(scene, rng)
+        return short["question"], short["options"][short["answer"]]
     return f"Is there a {o.shape} in the image?", f"Yes, there is a {o.name} {WHERE[o.position]}."
 
 
@@ -133,8 +137,9 @@ def chat(scene: Scene, rng: random.Random, max_turns: int = 3) -> list[dict]:
     return turns
 
 
-def heldout_question(scene: Scene, rng: random.Random) -> dict:
-    """A multiple-choice question with its options and the index of the right one."""
+def short_question(scene: Scene, rng: random.Random) -> dict:
+    """A short-answer question (LLaVA-style "Answer with a single word."), its options and the
+    index of the right one: what S2 chats practise and what the held-out accuracy asks."""
     o = rng.choice(scene.objects)
     kind = rng.choice(["colour", "position", "count"] + (["word"] if scene.word else []))
     if kind == "colour":
@@ -149,4 +154,10 @@ def heldout_question(scene: Scene, rng: random.Random) -> dict:
         distractors = rng.sample([w for w in WORDS if w != scene.word.text], 3)
         options = sorted([scene.word.text, *distractors])
         q, answer = "What word is written in the image?", scene.word.text
-    return {"kind": kind, "question": q, "options": options, "answer": options.index(answer)}
+    return {"kind": kind, "question": f"{q}\n{SHORT_ANSWER}", "options": options,
+            "answer": options.index(answer)}
+
+
+def heldout_question(scene: Scene, rng: random.Random) -> dict:
+    """A held-out multiple-choice question (same form as the short answers S2 trains on)."""
+    return short_question(scene, rng)
