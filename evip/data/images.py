@@ -130,10 +130,11 @@ def open_header(data: bytes, bomb_pixels: int) -> Image.Image:
     return img
 
 
-def decode(data: bytes, cfg: ImageConfig, need: tuple[int, int] | None = None) -> Image.Image:
-    """Bytes -> RGB image (bomb-guarded). With `need` = (w, h) the smallest size still needed, a
-    JPEG may be decoded at a reduced DCT scale (only when it is at least twice as large)."""
-    img = open_header(data, cfg.bomb_pixels)
+def decode(data: bytes | Image.Image, cfg: ImageConfig, need: tuple[int, int] | None = None) -> Image.Image:
+    """Bytes (or a header from `open_header`) -> RGB image, bomb-guarded. With `need` = (w, h)
+    the smallest size still needed, a JPEG may be decoded at a reduced DCT scale (only when it
+    is at least twice as large in both sides)."""
+    img = data if isinstance(data, Image.Image) else open_header(data, cfg.bomb_pixels)
     if need is not None and cfg.jpeg_draft and img.format == "JPEG":
         if img.width >= 2 * need[0] and img.height >= 2 * need[1]:
             img.draft("RGB", need)   # picks the largest 1/2^k scale that stays >= need
@@ -171,19 +172,24 @@ class ImageProcessor:
         n = grid[0] * grid[1]
         return n + 1 if self.cfg.use_thumbnail and n > 1 else n
 
-    def pil_tiles(self, data: bytes, max_tiles: int | None = None) -> list[Image.Image]:
+    def pil_tiles(self, data: bytes, grid: tuple[int, int]) -> list[Image.Image]:
+        """Decode (bomb-guarded, drafted when far too large) and tile on `grid` (columns, rows)."""
         head = open_header(data, self.cfg.bomb_pixels)
         w, h = capped_size(*head.size, self.cfg.max_pixels)
-        cols, rows = self.grid(*head.size, max_tiles)
+        cols, rows = grid
         need = (self.tile * cols, self.tile * rows)
         if self.cfg.use_thumbnail and cols * rows > 1:
             need = (max(need[0], self.tile), max(need[1], self.tile))
-        need = (min(need[0], w), min(need[1], h))   # never upscale the decode target
+        need = (min(need[0], w), min(need[1], h))   # never ask the decoder for more than the image
         # The grid comes from the (capped) header size; pixels are resized straight from the
         # decoded (possibly drafted) image to the grid: one resample, never a full-size detour.
-        img = decode(data, self.cfg, need)
+        img = decode(head, self.cfg, need)
         return tile_image(img, self.tile, self.cfg.min_tiles, cols * rows, self.cfg.use_thumbnail,
                           grid=(cols, rows))
+
+    def render(self, data: bytes, grid: tuple[int, int]) -> torch.Tensor:
+        """Tiles of `data` on a grid from `grid()`: FloatTensor [n_tiles(grid), 3, tile, tile]."""
+        return self.normalise(self.pil_tiles(data, grid))
 
     def normalise(self, tiles: list[Image.Image]) -> torch.Tensor:
         arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])          # [n, S, S, 3]
@@ -191,4 +197,5 @@ class ImageProcessor:
         return (x - self._mean) / self._std
 
     def __call__(self, data: bytes, max_tiles: int | None = None) -> torch.Tensor:
-        return self.normalise(self.pil_tiles(data, max_tiles))
+        """Header -> grid -> tiles: FloatTensor [n_tiles, 3, tile, tile]."""
+        return self.render(data, self.grid(*self.header_size(data), max_tiles))
