@@ -71,18 +71,20 @@ class MonoInternVL(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, PatchEmbedding):
-                nn.init.normal_(module.class_embedding, std=INIT_STD)
-                nn.init.normal_(module.position_embedding, std=INIT_STD)
+                module.reset_parameters()
 
     # ---- embedding ------------------------------------------------------------------------
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] -> [N, tokens_per_tile, H]."""
+        self._check_pixels(pixel_values)
+        patches = self.vision(pixel_values)
+        return self.mlp1(shuffle_patches(patches, self.cfg.downsample_ratio))
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
         s = self.cfg.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
             raise ValueError(f"pixel_values must have shape [N, 3, {s}, {s}] (ModelConfig.image_size={s}), "
                              f"got {list(pixel_values.shape)}")
-        patches = self.vision(pixel_values)
-        return self.mlp1(shuffle_patches(patches, self.cfg.downsample_ratio))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with image embeddings written at the <IMG_CONTEXT> positions.
@@ -90,6 +92,8 @@ class MonoInternVL(nn.Module):
         image_mask = input_ids == self.cfg.img_context_token_id
         h = self.tok_embeddings(input_ids)
         num_image_tokens = int(image_mask.sum().item())
+        if pixel_values is not None:
+            self._check_pixels(pixel_values)
         num_tiles = 0 if pixel_values is None else pixel_values.shape[0]
         expected = num_tiles * self.cfg.tokens_per_tile
         if num_image_tokens != expected:

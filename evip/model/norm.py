@@ -13,6 +13,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -35,6 +35,12 @@ class PatchEmbedding(nn.Module):
         self.patch_embedding = nn.Conv2d(3, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.class_embedding = nn.Parameter(torch.empty(1, 1, d))
         self.position_embedding = nn.Parameter(torch.empty(1, 1 + cfg.grid * cfg.grid, d))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Class/position embeddings ~ normal(0, 0.02) (the conv initialises itself)."""
+        nn.init.normal_(self.class_embedding, std=0.02)
+        nn.init.normal_(self.position_embedding, std=0.02)
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
         pos = self.position_embedding[:, 1:, :]
