@@ -106,12 +106,11 @@ class PackedIterator:
                                  self.slot, ds.num_slots)
         self.acc = Accounting(self.names, cfg.max_bad_fraction, cfg.min_samples_before_threshold)
         self.builder = SampleBuilder(cfg, ds.tokenizer, ds.model_cfg)
-        self.packer = Packer(cfg, ds.model_cfg)
+        self.packer = Packer(cfg.token_budget, cfg.max_images_per_pack, ds.model_cfg.pad_token_id, cfg.rows)
         start = self._loaded or ds.elastic_states.get(self.slot)
         if start is not None:
             self.stream.load_state_dict(start["stream"])
             self.acc.load_state_dict(start["counts"])
-        self._pending: list[dict] = []            # snapshot before each sample the packer holds
         self._state = self._snapshot()
         self._ready = True
 
@@ -136,12 +135,12 @@ class PackedIterator:
             rec.meta["_filters"] = dict(self.ds.recipe.sources[i].filters)
             try:
                 sample = self.builder(rec)
+                self.packer.check(sample)
             except BadSample as e:
                 self.acc.add_bad(name, rec.shard, e.reason)
                 continue
             self.acc.ok(name)
-            self._pending.append(snap)
-            batches = self.packer.add(sample)
+            batches = self.packer.add(sample, position=snap)
             if batches:
                 return self._emit(batches)
 
@@ -149,10 +148,9 @@ class PackedIterator:
         if len(batches) != 1:
             raise RuntimeError(f"the packer emitted {len(batches)} batches for one sample; expected 1")
         batch = batches[0]
-        held = self.packer.num_pending
-        self._pending = self._pending[len(self._pending) - held:] if held else []
         self.acc.packed(int((batch["seq_ids"] >= 0).sum()), batch["input_ids"].numel())
-        base = self._pending[0] if self._pending else self._snapshot()
+        # the state is the position before the oldest sample the packer still holds
+        base = self.packer.resume_from() or self._snapshot()
         self._state = {"stream": base["stream"], "counts": {**base["counts"], **_packed(self.acc)}}
         batch[_STATS_KEY] = {"slot": self.slot, "worker": self.worker, "stats": self.acc.stats(),
                              "state": self._state}

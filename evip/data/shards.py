@@ -23,6 +23,24 @@ from dataclasses import dataclass
 from braceexpand import braceexpand
 
 
+BLOCK = 512
+
+
+def _blocks(n: int) -> int:
+    return (n + BLOCK - 1) // BLOCK * BLOCK
+
+
+def _end_marker_problem(path: str, end: int, size: int) -> str:
+    """tarfile ends quietly at a header cut short; a whole tar has >= 2 zero blocks after `end`."""
+    if size - end < 2 * BLOCK:
+        return f"cut after byte {size}: no end-of-archive blocks after the last member (byte {end})"
+    with open(path, "rb") as f:
+        f.seek(end)
+        if f.read(2 * BLOCK).strip(b"\0"):
+            return f"cut inside the header at byte {end}"
+    return ""
+
+
 def expand_paths(patterns: list[str]) -> list[str]:
     """Brace ranges, then globs; `pipe:` commands pass through (brace-expanded). Sorted per pattern,
     duplicates dropped, order of patterns kept: the result is the same on every rank."""
@@ -66,6 +84,7 @@ class IndexedTar:
     def _index(self) -> list[TarSample]:
         size = os.path.getsize(self.path)
         samples: list[TarSample] = []
+        end = 0                               # end of the last member's data blocks
         try:
             with tarfile.open(self.path, mode="r:") as tf:
                 while True:
@@ -75,7 +94,9 @@ class IndexedTar:
                         self.truncated = f"header after member {len(samples)} samples: {e}"
                         break
                     if m is None:
+                        self.truncated = _end_marker_problem(self.path, end, size)
                         break
+                    end = m.offset_data + _blocks(m.size)
                     if not m.isfile():
                         continue
                     if m.offset_data + m.size > size:
@@ -120,7 +141,9 @@ class PipeTar:
         self.path = url
         self.truncated = ""
         self._proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
-        self._tf = tarfile.open(fileobj=self._proc.stdout, mode="r|")
+        self._raw = _TailReader(self._proc.stdout)
+        self._tf = tarfile.open(fileobj=self._raw, mode="r|")
+        self._end = 0
         self._next_index = 0
         self._pending: tuple[str, str, bytes] | None = None   # first member of the next sample
         self._done = False
@@ -140,7 +163,9 @@ class PipeTar:
                 m = self._tf.next()
             if m is None:
                 self._done = True
+                self.truncated = self._raw.end_problem(self._end)
                 return None
+            self._end = m.offset_data + _blocks(m.size)
             data = self._tf.extractfile(m).read()
             if len(data) != m.size:
                 raise EOFError(f"member {m.name} has {len(data)} of {m.size} bytes")
@@ -183,6 +208,31 @@ class PipeTar:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+
+
+class _TailReader:
+    """A read-only file object that counts bytes and keeps the last ones (to check the end)."""
+
+    KEEP = 1 << 16
+
+    def __init__(self, f):
+        self.f, self.total, self.tail = f, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.total += len(b)
+        self.tail = (self.tail + b)[-self.KEEP:]
+        return b
+
+    def end_problem(self, end: int) -> str:
+        while self.read(1 << 16):
+            pass
+        rest = self.total - end
+        if rest < 2 * BLOCK:
+            return f"stream cut after byte {self.total}: no end-of-archive blocks after byte {end}"
+        if rest <= self.KEEP and self.tail[-rest:][: 2 * BLOCK].strip(b"\0"):
+            return f"stream cut inside the header at byte {end}"
+        return ""
 
 
 def open_tar(path: str):
