@@ -1,0 +1,34 @@
+"""`evip run PIPELINE --run-dir DIR [key=value ...]`: run the stages in order; rerun to continue.
+
+Exit codes (evip/exit_codes.py): 0 done; 2 config error; 75 preempted (checkpoint written, rerun
+the same command); 76 too many non-finite steps (checkpoint written, inspect first); 1 other errors.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run (or continue) a pipeline of stages in a run directory")
+    p.add_argument("pipeline", help="pipeline YAML (e.g. stages/pipeline_internlm2.yaml)")
+    p.add_argument("--run-dir", required=True, help="run directory; an existing one is continued")
+    p.add_argument("overrides", nargs="*", help="key=value: seed=1, base.source=..., <stage>.optim.lr=..., "
+                                                "stages_all.zero_stage=2")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from evip import exit_codes
+    from evip.pipeline import load_pipeline, run_pipeline
+    from evip.signals import Preempted, TooManyNonFinite
+
+    lp = load_pipeline(args.pipeline, args.overrides)   # config errors surface before any heavy work
+    try:
+        run_pipeline(lp, args.run_dir)
+    except Preempted as e:
+        print(f"evip run: preempted: {e}", file=sys.stderr, flush=True)
+        return exit_codes.PREEMPTED
+    except TooManyNonFinite as e:
+        print(f"evip run: stopped: {e}", file=sys.stderr, flush=True)
+        return exit_codes.NON_FINITE
+    return exit_codes.OK

@@ -1,0 +1,85 @@
+"""The DeepSpeed engine of one stage: config dict, optimizer param groups, LR schedule.
+
+The optimizer is a torch AdamW passed in (DeepSpeed's FusedAdam needs a JIT build and is not
+bit-exact after a resume). Two param groups over the *trainable* parameters only:
+  - decay:    matrices and convolution kernels (ndim >= 2) except embeddings;
+  - no_decay: biases, norm weights (ndim < 2) and embeddings (token embeddings, the class and
+              position embeddings of the patch embedding): decaying them only shrinks rare rows.
+The model must already be frozen by its stage's groups (evip.stages.apply_trainable).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from evip.stages import ScheduleConfig, StageConfig
+
+NO_DECAY_NAMES = ("tok_embeddings", "class_embedding", "position_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of optim.lr at a step: linear warmup, then cosine to min_lr_ratio or constant."""
+    warmup = schedule.warmup_steps or int(round(schedule.warmup_ratio * total_steps))
+    floor = schedule.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule.kind == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup)
+        t = min(1.0, (step - warmup) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return f
+
+
+def deepspeed_config(stage: StageConfig) -> dict:
+    """One micro-batch per rank is one packed row-set: DeepSpeed's batch size is 1 micro-batch."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "gradient_clipping": stage.clip_grad,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": stage.zero_stage},
+        "bf16": {"enabled": stage.precision == "bf16"},
+    }
+    if stage.zero_stage == 3:
+        # keep gathered params small on tiny models; gather everything at save for consolidation
+        cfg["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+    return cfg
+
+
+def build_engine(model: nn.Module, stage: StageConfig, total_steps: int, load_universal: bool = False):
+    """deepspeed.initialize with a torch AdamW and a LambdaLR; returns the engine."""
+    import deepspeed
+
+    opt = torch.optim.AdamW(param_groups(model, stage.optim.weight_decay), lr=stage.optim.lr,
+                            betas=tuple(stage.optim.betas), eps=stage.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage.schedule, total_steps))
+    config = deepspeed_config(stage)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    return engine
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])

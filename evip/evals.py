@@ -1,0 +1,137 @@
+"""Evals during a stage (every `eval.every_steps` and at the stage's end), on every rank together:
+
+- held-out caption loss: the first `heldout_batches` batches of a held-out DataConfig (the same
+  batches every time: a fresh loader each eval);
+- forgetting monitor: loss of the model on a real text corpus (CPython's `pydoc_data.topics` by
+  default, no download), reported with its change vs the stage's start and vs the base LLM (the
+  first stage's start); through S1.1-S1.2 the change is exactly 0 (the LLM is frozen);
+- a few greedy captions of fixed images.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from evip.batch import KIND_ID
+
+
+def corpus_text(name: str, max_chars: int = 200_000) -> str:
+    if name == "pydoc":
+        from pydoc_data.topics import topics
+        return "\n\n".join(topics[k] for k in sorted(topics))[:max_chars]
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.text_corpus {name!r} is neither 'pydoc' nor a text file")
+    return path.read_text(errors="replace")[:max_chars]
+
+
+def text_batches(tokenizer, model_cfg, corpus: str, seq_len: int, n: int, rank: int, world_size: int):
+    """n batches [1, seq_len] of consecutive corpus tokens for this rank (kind 'text')."""
+    ids = tokenizer(corpus_text(corpus), add_special_tokens=False)["input_ids"]
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)][: n * world_size]
+    s = model_cfg.image_size
+    for chunk in chunks[rank::world_size]:
+        x = torch.tensor([chunk])
+        yield {"input_ids": x, "labels": x.clone(), "position_ids": torch.arange(seq_len)[None],
+               "seq_ids": torch.zeros_like(x), "kind_ids": torch.full_like(x, KIND_ID["text"]),
+               "pixel_values": torch.zeros(0, 3, s, s)}
+
+
+@torch.no_grad()
+def mean_loss(engine, batches) -> float:
+    """Token-weighted mean loss over every rank's batches."""
+    acc = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    try:
+        for b in batches:
+            out = engine(**{k: v.to(engine.device) for k, v in b.items()})
+            acc += torch.tensor([float(out.loss_sum), float(out.num_tokens)], dtype=torch.float64)
+    finally:
+        engine.train()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(acc)
+    return (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """One tile [1, 3, size, size], ImageNet-normalised."""
+    import numpy as np
+    from PIL import Image
+    img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return ((x - mean) / std)[None]
+
+
+class Evaluator:
+    def __init__(self, tokenizer, model_cfg, rank: int, world_size: int, metrics, run_dir: Path,
+                 loader_factory=None, seed: int = 0):
+        self.tok, self.model_cfg, self.rank, self.world_size = tokenizer, model_cfg, rank, world_size
+        self.metrics, self.run_dir = metrics, Path(run_dir)
+        self.start_text_loss = None
+        self.base_text_loss = None
+
+    def _text_loss(self, engine, stage) -> float | None:
+        if self.tok is None or not stage.eval.text_corpus:
+            return None
+        return mean_loss(engine, text_batches(self.tok, self.model_cfg, stage.eval.text_corpus,
+                                              stage.eval.text_seq_len, stage.eval.text_batches,
+                                              self.rank, self.world_size))
+
+    def stage_start(self, engine, stage, stage_dir: Path) -> None:
+        """The text-only loss at the stage's start, computed once (kept in the stage dir for resumes)."""
+        f = stage_dir / "eval_start.json"
+        base_f = self.run_dir / "eval_base.json"
+        if f.is_file():
+            self.start_text_loss = json.loads(f.read_text())["text_loss"]
+        else:
+            self.start_text_loss = self._text_loss(engine, stage)
+            if self.rank == 0:
+                f.write_text(json.dumps({"text_loss": self.start_text_loss}))
+                if not base_f.is_file():
+                    base_f.write_text(json.dumps({"text_loss": self.start_text_loss}))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        self.base_text_loss = json.loads(base_f.read_text())["text_loss"] if base_f.is_file() else None
+
+    def evaluate(self, engine, stage, step: int, final: bool = False) -> dict:
+        values: dict = {"final": final}
+        text = self._text_loss(engine, stage)
+        if text is not None:
+            values["text_loss"] = text
+            if self.start_text_loss is not None:
+                values["text_loss_change_vs_stage_start"] = text - self.start_text_loss
+            if self.base_text_loss is not None:
+                values["text_loss_change_vs_base"] = text - self.base_text_loss
+        if stage.eval.heldout_data is not None and self.tok is not None:
+            from evip.data.loader import build_loader
+            loader = build_loader(stage.eval.heldout_data, self.tok, self.model_cfg, self.rank, self.world_size)
+            it = iter(loader)
+            values["heldout_caption_loss"] = mean_loss(engine, (next(it) for _ in range(stage.eval.heldout_batches)))
+        if stage.eval.caption_images and self.tok is not None:
+            values["captions"] = self.captions(engine, stage)
+        if self.metrics is not None:
+            self.metrics.log_eval(stage.name, step, values)
+        return values
+
+    @torch.no_grad()
+    def captions(self, engine, stage) -> list[str]:
+        from evip.model.tokens import IMG_CONTEXT, IMG_END, IMG_START
+        cfg = self.model_cfg
+        out = []
+        engine.eval()
+        try:
+            for path in stage.eval.caption_images:
+                prompt = IMG_START + IMG_CONTEXT * cfg.tokens_per_tile + IMG_END + "\n" + stage.eval.caption_prompt
+                ids = torch.tensor([self.tok(prompt, add_special_tokens=False)["input_ids"]], device=engine.device)
+                pixels = load_image(path, cfg.image_size).to(engine.device, engine.module.tok_embeddings.weight.dtype)
+                new = engine.module.generate(ids, pixels, max_new_tokens=stage.eval.caption_max_new_tokens,
+                                             eos_token_id=self.tok.eos_token_id)
+                out.append(self.tok.decode(new[0], skip_special_tokens=True))
+        finally:
+            engine.train()
+        return out

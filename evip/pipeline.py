@@ -1,0 +1,236 @@
+"""A pipeline: a base LLM and the stages that turn it into a native MLLM, run in order.
+
+    cfg = load_pipeline("stages/pipeline_demo.yaml", ["s1_1_concept.steps=10", "seed=3"])
+    run_pipeline(cfg, "runs/demo")
+
+Run directory:
+    pipeline.yaml                 the resolved pipeline config (stage configs in each stage dir)
+    base/model.safetensors        the base weights (upcycled LLM, or a seeded random init)
+    base/model_config.json        the ModelConfig every stage builds
+    stages/<i>_<name>/            checkpoints, model.safetensors and DONE (evip/checkpoint.py)
+    metrics.jsonl                 one line per step and per eval (rank 0)
+Running again on the same directory skips stages whose DONE exists and resumes the first
+unfinished one from its `latest` checkpoint.
+
+Overrides: `seed=1`, `base.source=...`, `model.<field>=...` go to the pipeline; `<stage name>.<key>=v`
+to that stage; `stages_all.<key>=v` to every stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import MISSING
+
+from evip import checkpoint as ckpt
+from evip.config import ConfigError, load_config, to_yaml
+from evip.stages import StageConfig, load_stage
+
+ALL_STAGES = "stages_all"
+
+
+@dataclass
+class BaseConfig:
+    source: str = "random"        # "random" (seeded init of `model`), an HF model dir, or a .gguf file
+    tokenizer: str = ""           # tokenizer dir or .gguf; default: the source's own
+    seed: int = 0                 # init of the patch embedding / random weights
+
+
+@dataclass
+class StageRef:
+    name: str = MISSING           # the prefix of this stage's command-line overrides
+    file: str = MISSING           # relative to the pipeline file
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WandbConfig:
+    project: str = ""             # empty: offline run in the run dir (WANDB_MODE respected)
+    entity: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "evip"
+    base: BaseConfig = field(default_factory=BaseConfig)
+    model: dict[str, Any] = field(default_factory=dict)   # ModelConfig fields (vision fields for an LLM)
+    stages: list[StageRef] = field(default_factory=list)
+    seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class LoadedPipeline:
+    cfg: PipelineConfig
+    path: Path
+    stages: list[tuple[StageConfig, str]]    # (config, source file) in order
+
+
+def load_pipeline(path, overrides: Sequence[str] = ()) -> LoadedPipeline:
+    path = Path(path)
+    names_probe = load_config(PipelineConfig, path, [])
+    stage_names = [s.name for s in names_probe.stages]
+    own, per_stage = [], {n: [] for n in stage_names}
+    for o in overrides:
+        head = o.split(".", 1)[0]
+        if head == ALL_STAGES:
+            for n in stage_names:
+                per_stage[n].append(o.split(".", 1)[1])
+        elif head in per_stage:
+            per_stage[head].append(o.split(".", 1)[1])
+        else:
+            own.append(o)
+    cfg = load_config(PipelineConfig, path, own)
+    if not cfg.stages:
+        raise ConfigError(f"'stages' in {path}: the pipeline lists no stage")
+    stages = []
+    for i, ref in enumerate(cfg.stages):
+        file = (path.parent / ref.file).resolve()
+        if not file.is_file():
+            raise ConfigError(f"'stages.{i}.file' in {path}: stage file {file} not found")
+        stage = load_stage(file, [*ref.overrides, *per_stage[ref.name]])
+        stages.append((stage, str(file)))
+    return LoadedPipeline(cfg, path, stages)
+
+
+def model_config(cfg: PipelineConfig, where: str):
+    from evip.model.config import ModelConfig
+    try:
+        return ModelConfig(**cfg.model)
+    except TypeError as e:
+        raise ConfigError(f"'model' in {where}: {e}") from None
+
+
+# ---- distributed set-up ------------------------------------------------------------------
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); a process group exists afterwards (gloo on CPU, nccl on GPU)."""
+    try:
+        from evip.distributed import init_distributed as init
+    except ImportError:   # LAUNCH's module not there yet: torchrun env or a single process
+        return _init_fallback()
+    info = init()
+    return info.rank, info.world_size
+
+
+def _init_fallback() -> tuple[int, int]:
+    import deepspeed
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", "29533")):
+        os.environ.setdefault(k, v)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+def stage_dir(run_dir: Path, index: int, stage: StageConfig) -> Path:
+    return run_dir / "stages" / f"{index}_{stage.name}"
+
+
+def prepare_base(lp: LoadedPipeline, run_dir: Path, rank: int):
+    """Materialise base/model.safetensors + model_config.json once (rank 0); return the ModelConfig."""
+    from evip.model.config import ModelConfig
+
+    base_dir = run_dir / "base"
+    cfg_file = base_dir / "model_config.json"
+    if rank == 0 and not (base_dir / ckpt.WEIGHTS).is_file():
+        base_dir.mkdir(parents=True, exist_ok=True)
+        b = lp.cfg.base
+        if b.source == "random":
+            from evip.model.mono import MonoInternVL
+            torch.manual_seed(b.seed)
+            model = MonoInternVL(model_config(lp.cfg, str(lp.path)))
+            tok = None
+        else:
+            from evip.model.weights import load_pretrained_llm
+            if not Path(b.source).exists():
+                raise ConfigError(f"'base.source' in {lp.path}: {b.source} does not exist "
+                                  f"(an HF model directory, a .gguf file, or 'random')")
+            model, tok = load_pretrained_llm(b.source, vision=lp.cfg.model, seed=b.seed,
+                                             tokenizer=b.tokenizer or None)
+        if tok is not None:
+            tok.save_pretrained(str(base_dir / "tokenizer"))
+        cfg_file.write_text(json.dumps(dataclasses.asdict(model.cfg), indent=1))
+        ckpt.write_weights({n: p.detach().float() for n, p in model.named_parameters()},
+                           base_dir / ckpt.WEIGHTS)
+        del model
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return ModelConfig(**json.loads(cfg_file.read_text()))
+
+
+def load_tokenizer(run_dir: Path, lp: LoadedPipeline):
+    from evip.model.tokens import load_tokenizer as load
+    saved = run_dir / "base" / "tokenizer"
+    if saved.is_dir():
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(saved))
+    if lp.cfg.base.tokenizer:
+        return load(lp.cfg.base.tokenizer)
+    return None
+
+
+def default_loader_factory(stage: StageConfig, source: str, tokenizer, model_cfg, rank: int,
+                           world_size: int, seed: int) -> Callable[[], Any]:
+    from evip.data.loader import build_loader
+    return lambda: build_loader(stage.data, tokenizer, model_cfg, rank, world_size)
+
+
+LoaderFactory = Callable[..., Callable[[], Any]]
+
+
+def run_pipeline(lp: LoadedPipeline, run_dir, loader_factory: Optional[LoaderFactory] = None,
+                 on_engine=None, metrics_enabled: bool = True) -> list[ckpt.Counters]:
+    """Run every unfinished stage in order (collective); returns each run stage's counters."""
+    from evip.evals import Evaluator
+    from evip.metrics import Metrics
+    from evip.signals import StopRequest
+    from evip.trainer import StageContext, StageTrainer
+
+    run_dir = Path(run_dir)
+    rank, world_size = init_distributed()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "pipeline.yaml").write_text(to_yaml(lp.cfg))
+    model_cfg = prepare_base(lp, run_dir, rank)
+    tokenizer = load_tokenizer(run_dir, lp)
+    factory = loader_factory or default_loader_factory
+    metrics = Metrics(run_dir, rank, model_cfg, lp.cfg.wandb, lp.cfg.name) if metrics_enabled else None
+    results = []
+    previous = run_dir / "base" / ckpt.WEIGHTS
+    try:
+        with StopRequest() as stop:
+            for i, (stage, source) in enumerate(lp.stages):
+                sdir = stage_dir(run_dir, i, stage)
+                if (sdir / ckpt.DONE).is_file():
+                    previous = sdir / ckpt.WEIGHTS
+                    continue
+                if rank == 0:
+                    sdir.mkdir(parents=True, exist_ok=True)
+                    (sdir / "stage.yaml").write_text(to_yaml(stage))
+                if dist.is_available() and dist.is_initialized():
+                    dist.barrier()
+                ctx = StageContext(stage=stage, source=source, index=i, stage_dir=sdir, input_weights=previous,
+                                   model_cfg=model_cfg, rank=rank, world_size=world_size, seed=lp.cfg.seed,
+                                   make_loader=factory(stage, source, tokenizer, model_cfg, rank, world_size,
+                                                       lp.cfg.seed),
+                                   stop=stop, metrics=metrics, on_engine=on_engine,
+                                   evaluator=Evaluator(tokenizer, model_cfg, rank, world_size, metrics,
+                                                       run_dir, factory, lp.cfg.seed))
+                trainer = StageTrainer(ctx)
+                results.append(trainer.run())
+                trainer.close()
+                previous = sdir / ckpt.WEIGHTS
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return results

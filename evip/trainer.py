@@ -1,0 +1,236 @@
+"""The loop of one stage, top to bottom.
+
+    fresh model <- the previous stage's consolidated weights
+    freeze by the stage's groups, THEN deepspeed.initialize (torch AdamW, LR schedule)
+    resume from `latest` if there is one (engine, this rank's loader, RNG, counters)
+    loop: grad_accum micro-batches -> one optimizer step; metrics; evals; checkpoints;
+          stop signals and non-finite steps decided by all ranks together
+    stage end: checkpoint, frozen parameters verified unchanged, consolidated fp32 weights, DONE
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from evip import checkpoint as ckpt
+from evip.batch import BATCH_KEYS
+from evip.engine import build_engine, current_lr
+from evip.signals import Preempted, StopRequest, TooManyNonFinite
+from evip.stages import StageConfig, apply_trainable, frozen_digest, verify_frozen
+
+NAN_HOOK = "EVIP_TEST_NONFINITE_STEPS"   # tests: comma-separated steps whose loss is made NaN
+SIGNAL_HOOK = "EVIP_TEST_SIGNAL_AT"      # tests: "STAGE:STEP": rank 0 sends itself SIGUSR1 after that step
+
+
+@dataclass
+class StageContext:
+    stage: StageConfig
+    source: str                        # the stage file (for error messages)
+    index: int
+    stage_dir: Path
+    input_weights: Path                # consolidated weights of the previous stage (or the base)
+    model_cfg: Any
+    make_loader: Callable[[], Any]     # this rank's StatefulDataLoader of packed batches
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    stop: StopRequest = field(default_factory=StopRequest)
+    metrics: Any = None                # evip.metrics.Metrics (rank 0 writes)
+    evaluator: Any = None              # evip.evals.Evaluator
+    on_engine: Optional[Callable[[Any], None]] = None   # tests/benchmarks: see the live engine
+
+
+def planned_steps(stage: StageConfig, world_size: int) -> int:
+    """Steps of the stage: `steps`, or `tokens` over the tokens one step can hold at most."""
+    if stage.steps:
+        return stage.steps
+    return max(1, math.ceil(stage.tokens / (micro_batch_tokens(stage) * stage.grad_accum * world_size)))
+
+
+def micro_batch_tokens(stage: StageConfig) -> int:
+    return stage.data.token_budget * stage.data.rows
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _nan_steps() -> set[int]:
+    raw = os.environ.get(NAN_HOOK, "")
+    return {int(s) for s in raw.split(",") if s.strip()}
+
+
+class StageTrainer:
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.stage = ctx.stage
+        self.ckpt_root = ctx.stage_dir / "ckpt"
+        self.total_steps = planned_steps(ctx.stage, ctx.world_size)
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def build(self) -> None:
+        c = self.ctx
+        model = ckpt.build_from_weights(c.model_cfg, c.input_weights)
+        self.trained_groups = apply_trainable(model, self.stage, c.source)   # before the engine exists
+        seed_everything(c.seed * 1000 + c.index)
+        self.engine = build_engine(model, self.stage, self.total_steps)
+        self.device = self.engine.device
+        self.frozen_at_start = frozen_digest(self.engine.module)
+        self.loader = c.make_loader()
+        ckpt.clean_partial(self.ckpt_root, c.rank)
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            self.counters = ckpt.Counters()
+            seed_everything(c.seed * 1000 + c.index + 7919 * c.rank)
+        else:
+            self.counters = ckpt.load(self.engine, latest, self.loader, c.rank, c.world_size)
+            if c.rank == 0:
+                print(f"[evip] stage {self.stage.name}: resumed from {latest} (step {self.counters.step})",
+                      flush=True)
+        if c.on_engine:
+            c.on_engine(self.engine)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def done(self) -> bool:
+        if self.stage.steps:
+            return self.counters.step >= self.stage.steps
+        return self.counters.tokens >= self.stage.tokens
+
+    def run(self) -> ckpt.Counters:
+        self.build()
+        c = self.ctx
+        if c.evaluator is not None:
+            c.evaluator.stage_start(self.engine, self.stage, c.stage_dir)
+        last_save = time.monotonic()
+        data_iter = iter(self.loader)
+        nan_steps = _nan_steps()
+        while not self.done():
+            t0 = time.perf_counter()
+            stats, wait = self.train_step(data_iter, poison=self.counters.step in nan_steps)
+            if c.rank == 0 and os.environ.get(SIGNAL_HOOK) == f"{self.stage.name}:{self.counters.step}":
+                os.kill(os.getpid(), signal.SIGUSR1)   # test hook: a real signal, handled as in production
+            minutes_due = (self.stage.checkpoint.every_minutes > 0 and c.rank == 0 and
+                           time.monotonic() - last_save >= 60 * self.stage.checkpoint.every_minutes)
+            flags = _all_reduce(torch.tensor([float(stats["nonfinite"]), float(bool(c.stop.requested)),
+                                              float(minutes_due)], dtype=torch.float64))
+            nonfinite = flags[0] > 0 or not math.isfinite(stats["grad_norm"])
+            self.counters.step += 1
+            self.counters.tokens += stats["tokens"]
+            self.counters.samples += stats["samples"]
+            if nonfinite:
+                self.counters.nonfinite += 1
+                self.counters.skipped += 1
+            else:
+                self.counters.nonfinite = 0
+            if c.metrics is not None:
+                c.metrics.log_step(self.stage.name, self.counters, stats, stats["lr"],
+                                   time.perf_counter() - t0, wait, self.total_steps, nonfinite, stats["row_len"])
+            step = self.counters.step
+            if self.counters.nonfinite >= self.stage.max_nonfinite:
+                self.save()
+                raise TooManyNonFinite(
+                    f"stage {self.stage.name!r}: {self.counters.nonfinite} non-finite steps in a row (limit "
+                    f"max_nonfinite={self.stage.max_nonfinite} in {c.source}); updates were skipped and a "
+                    f"checkpoint was written at step {step}. Inspect the data and lr before rerunning.")
+            if c.evaluator is not None and self.stage.eval.every_steps and step % self.stage.eval.every_steps == 0 \
+                    and not self.done():
+                c.evaluator.evaluate(self.engine, self.stage, step)
+            every = self.stage.checkpoint.every_steps
+            if flags[1] > 0 or flags[2] > 0 or (every and step % every == 0 and not self.done()):
+                self.save()
+                last_save = time.monotonic()
+                if flags[1] > 0:
+                    raise Preempted(f"stage {self.stage.name!r}: stop signal {c.stop.name or 'on another rank'} "
+                                    f"-> checkpoint at step {step}; rerun the same command to continue")
+        return self.finish()
+
+    def train_step(self, data_iter, poison: bool = False) -> tuple[dict, float]:
+        """grad_accum micro-batches and one optimizer step. Returns global stats and data-wait time."""
+        engine = self.engine
+        lr = current_lr(engine)
+        acc = torch.zeros(11, dtype=torch.float64)   # loss_sum, ntok, kind_loss[3], kind_ntok[3], tokens, samples, nonfinite
+        wait = 0.0
+        for _ in range(self.stage.grad_accum):
+            t = time.perf_counter()
+            batch = next(data_iter)
+            wait += time.perf_counter() - t
+            batch = {k: batch[k].to(self.device, non_blocking=True) for k in BATCH_KEYS if k in batch}
+            out = engine(**batch)
+            loss = out.loss * float("nan") if poison else out.loss
+            engine.backward(loss)
+            engine.step()
+            acc[0] += float(out.loss_sum.detach()) if not poison else float("nan")
+            acc[1] += float(out.num_tokens)
+            acc[2:5] += out.kind_loss_sum.detach().double().cpu()
+            acc[5:8] += out.kind_num_tokens.double().cpu()
+            acc[8] += float((batch["seq_ids"] >= 0).sum())
+            acc[9] += float(_count_samples(batch["seq_ids"]))
+            acc[10] += float(not torch.isfinite(loss.detach()).item())
+        nonfinite_local = acc[10].item()
+        acc[10] = 0.0
+        acc[0:1] = torch.nan_to_num(acc[0:1], nan=0.0, posinf=0.0, neginf=0.0)
+        acc[10] = nonfinite_local
+        _all_reduce(acc)
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+        if not engine.was_step_applied():
+            acc[10] = max(acc[10].item(), 1.0)
+        kinds = {k: (acc[2 + i] / acc[5 + i]).item() if acc[5 + i] > 0 else None
+                 for i, k in enumerate(("caption", "chat", "text"))}
+        loss = (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
+        return {"loss": loss if acc[10] == 0 else float("nan"), "kind_loss": kinds, "grad_norm": grad_norm,
+                "lr": lr, "row_len": int(batch["input_ids"].shape[1]),
+                "tokens": int(acc[8]), "samples": int(acc[9]), "nonfinite": acc[10].item() > 0}, wait
+
+    # ---- checkpoints and the end of the stage ---------------------------------------------
+    def save(self) -> Path:
+        return ckpt.save(self.engine, self.ckpt_root, self.counters, self.loader, self.ctx.rank,
+                         self.ctx.world_size, self.stage.checkpoint.keep_last,
+                         extra={"stage": self.stage.name})
+
+    def finish(self) -> ckpt.Counters:
+        c = self.ctx
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None or ckpt.read_meta(latest)["counters"]["step"] != self.counters.step:
+            self.save()
+        verify_frozen(self.frozen_at_start, frozen_digest(self.engine.module), self.stage.name)
+        if c.evaluator is not None:
+            c.evaluator.evaluate(self.engine, self.stage, self.counters.step, final=True)
+        state = ckpt.consolidated_state(self.engine, c.input_weights, c.rank)
+        if c.rank == 0:
+            ckpt.write_weights(state, c.stage_dir / ckpt.WEIGHTS)
+            ckpt.write_atomic(c.stage_dir / ckpt.DONE, f"{self.counters.step}\n")
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return self.counters
+
+    def close(self) -> None:
+        """Free the engine (the next stage builds its own)."""
+        self.engine = None
+        self.loader = None
+
+
+def _count_samples(seq_ids: torch.Tensor) -> int:
+    """Samples in a packed batch: distinct seq_ids per row (padding -1 excluded)."""
+    n = 0
+    for row in seq_ids:
+        n += int(torch.unique(row[row >= 0]).numel())
+    return n
