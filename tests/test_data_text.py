@@ -234,3 +234,18 @@ def test_filters_run_inside_the_builder(tokenizer, model_cfg):
     fresh.load_state_dict(build.state_dict())
     with pytest.raises(BadSample):
         fresh(Record(key="k3", source="web", shard="s2", kind="caption", images=cap.images, text="x"))
+
+
+def test_grounding_tokens_stay_special_and_templates_checked(tokenizer, model_cfg):
+    conv = [{"from": "human", "value": "<image>\nWhere is <ref>the cup</ref>?"},
+            {"from": "gpt", "value": "<ref>the cup</ref><box>[[10, 20, 300, 400]]</box>"}]
+    s = builder(tokenizer, model_cfg, template="chat", image=ImageConfig(max_tiles=1))(
+        Record(key="g", source="grounding", shard="x", kind="chat", images=[photo("coffee")], conversations=conv))
+    ref, box_end = ids_of(tokenizer, "<ref>", "</box>")
+    ids, labels = s.input_ids.tolist(), s.labels.tolist()
+    assert ids.count(ref) == 2 and labels.count(box_end) == 1           # the answer's box is trained on
+    with pytest.raises(ValueError, match="cannot format kind 'caption'"):
+        builder(tokenizer, model_cfg, template="chat")(
+            Record(key="x", source="s", shard="x", kind="caption", images=[photo("coffee")], text="a"))
+    with pytest.raises(ValueError, match="unknown"):
+        builder(tokenizer, model_cfg, template="alpaca")

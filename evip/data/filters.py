@@ -35,6 +35,15 @@ class FilterConfig:
     dedup_images: bool = False        # drop byte-identical images met in another record
     dedup_capacity: int = 1 << 16     # slots per table (16 bytes each)
 
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "filters") -> "FilterConfig":
+        """From a recipe's `filters:` mapping; ValueError naming an unknown key and `where`."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown filter {unknown[0]!r} in {where}: one of {sorted(known)}")
+        return cls(**dict(d))
+
     def __post_init__(self):
         if self.max_aspect_ratio and self.max_aspect_ratio < 1:
             raise ValueError(f"filters.max_aspect_ratio={self.max_aspect_ratio}: must be >= 1 (or 0 for off)")

@@ -11,6 +11,15 @@ sample that will be dropped is dropped before its pixels are decoded.
 Multi-image samples split the tile budget as InternVL does: each image gets
 max(min_tiles, max_tiles // n_images) tiles (`image.split_tiles_across_images`).
 The filter state (bounded dedup tables) is `builder.state_dict()`; the stream checkpoints it.
+The duplicate checks are replay-safe (re-building the same record is not a duplicate), so
+re-reading the packer's pending samples after a restore needs no special care.
+
+One builder per recipe source (its template and filters are per source):
+
+    SampleBuilder(SampleConfig(max_length=..., template=src.template,
+                               image=ImageConfig(min_tiles=..., max_tiles=..., ...),
+                               filters=FilterConfig.from_dict(src.filters, f"sources.{i}.filters")),
+                  tokenizer, model_cfg)
 """
 from __future__ import annotations
 
@@ -52,13 +61,12 @@ class SampleBuilder:
         self.images = ImageProcessor(cfg.image, tile_size=model_cfg.image_size)
         self.filters = Filters(cfg.filters)
         self.tile_size = model_cfg.image_size
-        known = [name for names in TEMPLATES.values() for name in names]
-        if cfg.template and cfg.template not in known:   # fail here, not inside a worker
-            raise ValueError(f"template={cfg.template!r} is unknown: one of {known}")
+        if cfg.template and cfg.template not in TEMPLATES:   # fail here, not inside a worker
+            raise ValueError(f"template={cfg.template!r} is unknown: one of {list(TEMPLATES)}")
 
     # -- the pipeline --------------------------------------------------------------------
     def __call__(self, rec: Record) -> Sample:
-        template = check_template(rec.kind, self.cfg.template if self.cfg.template in TEMPLATES.get(rec.kind, ()) else "")
+        template = check_template(rec.kind, self.cfg.template)
         self._check_fields(rec)
         self.filters.check_record(rec)
         if rec.kind == "caption":

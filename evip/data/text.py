@@ -3,7 +3,8 @@
 A template turns a record into segments: (token ids or text, trains?, image index or None).
 Text pieces are tokenised in one batched call with `split_special_tokens=True`, so a caption
 that happens to contain "<IMG_CONTEXT>" or "<|im_end|>" cannot forge an image or a turn end.
-Special markers are inserted as ids, never as text. Image blocks are
+Special markers are inserted as ids, never as text; only the grounding tokens (<ref>, </ref>,
+<box>, </box>, <quad>, </quad>) written in the text become their special ids (task data). Image blocks are
 
     <img> + <IMG_CONTEXT> * (tokens_per_tile * n_tiles) + </img> + "\\n"
 
@@ -29,22 +30,27 @@ from dataclasses import dataclass
 
 from evip.batch import IGNORE_INDEX
 from evip.data.record import BadSample
-from evip.model.tokens import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
+from evip.model.tokens import GROUNDING_TOKENS, IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 
-TEMPLATES = {"caption": ("caption",), "chat": ("internlm2-chat",), "text": ("text",)}
-DEFAULT_TEMPLATE = {kind: names[0] for kind, names in TEMPLATES.items()}
+# template name -> the record kind it formats ("chat" is an alias of "internlm2-chat")
+TEMPLATES = {"caption": "caption", "chat": "chat", "internlm2-chat": "chat", "text": "text"}
+DEFAULT_TEMPLATE = {"caption": "caption", "chat": "internlm2-chat", "text": "text"}
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IMAGE_PLACEHOLDER = re.compile(r"<image>\n?")
+GROUNDING_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in GROUNDING_TOKENS) + ")")
 
 
 def check_template(kind: str, template: str) -> str:
-    """The template to use for `kind` ('' -> the kind's default); ValueError naming both."""
-    if kind not in TEMPLATES:
-        raise ValueError(f"unknown kind {kind!r}: one of {sorted(TEMPLATES)}")
-    template = template or DEFAULT_TEMPLATE[kind]
-    if template not in TEMPLATES[kind]:
-        raise ValueError(f"unknown template {template!r} for kind {kind!r}: one of {list(TEMPLATES[kind])}")
-    return template
+    """The canonical template for records of `kind` ('' -> the kind's default); ValueError
+    naming both when the kind is unknown or the template does not format that kind."""
+    if kind not in DEFAULT_TEMPLATE:
+        raise ValueError(f"unknown kind {kind!r}: one of {sorted(DEFAULT_TEMPLATE)}")
+    if not template:
+        return DEFAULT_TEMPLATE[kind]
+    if TEMPLATES.get(template) != kind:
+        valid = [t for t, k in TEMPLATES.items() if k == kind]
+        raise ValueError(f"template {template!r} cannot format kind {kind!r}: use one of {valid}")
+    return DEFAULT_TEMPLATE[kind]
 
 
 @dataclass
@@ -68,15 +74,29 @@ class TokenIds:
                              "evip.model.tokens.load_tokenizer (adds them)")
         self.img_start, self.img_end, self.img_context = (vocab[t] for t in (IMG_START, IMG_END, IMG_CONTEXT))
         self.im_start, self.im_end = vocab.get(IM_START), vocab.get(IM_END)
+        self.grounding = {t: vocab[t] for t in GROUNDING_TOKENS if t in vocab}
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise ValueError("tokenizer has no eos_token: captions and documents need one")
         self.newline = self.encode(["\n"])[0]
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        """Batched tokenisation; only the grounding tokens (<ref>, <box>, ...) stay special."""
         if not texts:
             return []
-        return self.tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        pieces = [GROUNDING_SPLIT.split(t) if self.grounding else [t] for t in texts]
+        flat = [p for ps in pieces for p in ps if p and p not in self.grounding]
+        enc = iter(self.tok(flat, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if flat else iter(())
+        out = []
+        for ps in pieces:
+            ids: list[int] = []
+            for p in ps:
+                if p in self.grounding:
+                    ids.append(self.grounding[p])
+                elif p:
+                    ids += next(enc)
+            out.append(ids)
+        return out
 
     def image_block(self, n_tiles: int) -> list[int]:
         return [self.img_start] + [self.img_context] * (self.tokens_per_tile * n_tiles) + [self.img_end] + self.newline
