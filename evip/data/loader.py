@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import torch
 from omegaconf import MISSING
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from evip.data.accounting import Accounting, merge_stats
+from evip.data.packing import Packer
 from evip.data.record import BadSample
-from evip.data.recipe import RecipeConfig, load_recipe
+from evip.data.recipe import RecipeConfig, filter_config, load_recipe, resolve_template
+from evip.data.sample import SampleBuilder, SampleConfig
 from evip.data.sources import build_source
 from evip.data.stream import SlotStream, elastic_state
 
@@ -50,18 +51,15 @@ class DataConfig:
     recipe_overrides: list[str] = field(default_factory=list)   # dotlist applied to the recipe
     token_budget: int = 4096                   # tokens per packed row (T of the batch)
     rows: int = 1                              # rows per micro-batch (B of the batch)
-    max_images_per_pack: int = 16              # cap on images per row
-    max_length: int = 0                        # truncate a sample to this many tokens (0: token_budget)
+    max_images_per_pack: int = 16              # cap on image tiles per micro-batch (0: none)
     num_workers: int = 2
     prefetch_factor: int = 2
     seed: int = 0
     max_bad_fraction: float = 0.05
     min_samples_before_threshold: int = 1000
-    # tile settings for the sample builder (evip/data/images.py ImageConfig semantics)
-    min_tiles: int = 1
-    max_tiles: int = 6
-    use_thumbnail: bool = True
-    max_pixels: int = 0
+    # per-sample processing: max_length, image tiling (sample.image.*), default filters
+    # (sample.filters.*; a recipe source's `filters` override them for that source)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 class PackedStream(IterableDataset):
@@ -98,19 +96,21 @@ class PackedIterator:
     # ---- set-up in the worker (lazy: load_state_dict comes after iter()) --------------------
     def _setup(self) -> None:
         ds, cfg = self.ds, self.ds.cfg
-        from evip.data.packing import Packer
-        from evip.data.sample import SampleBuilder
         self.sources = [build_source(s) for s in ds.recipe.sources]
         self.names = [s.name for s in ds.recipe.sources]
         self.stream = SlotStream(self.sources, [s.weight for s in ds.recipe.sources], cfg.seed,
                                  self.slot, ds.num_slots)
         self.acc = Accounting(self.names, cfg.max_bad_fraction, cfg.min_samples_before_threshold)
-        self.builder = SampleBuilder(cfg, ds.tokenizer, ds.model_cfg)
+        self.builders = [SampleBuilder(replace(cfg.sample, template=resolve_template(s),
+                                               filters=filter_config(s, cfg.sample.filters)),
+                                       ds.tokenizer, ds.model_cfg) for s in ds.recipe.sources]
         self.packer = Packer(cfg.token_budget, cfg.max_images_per_pack, ds.model_cfg.pad_token_id, cfg.rows)
         start = self._loaded or ds.elastic_states.get(self.slot)
         if start is not None:
             self.stream.load_state_dict(start["stream"])
             self.acc.load_state_dict(start["counts"])
+            for b, st in zip(self.builders, start.get("filters") or []):
+                b.load_state_dict(st)
         self._state = self._snapshot()
         self._ready = True
 
@@ -131,10 +131,8 @@ class PackedIterator:
             if isinstance(rec, BadSample):
                 self.acc.add_bad(name, self.stream.cursors[i].current_shard, rec.reason)
                 continue
-            rec.meta["_template"] = self.ds.recipe.sources[i].template
-            rec.meta["_filters"] = dict(self.ds.recipe.sources[i].filters)
             try:
-                sample = self.builder(rec)
+                sample = self.builders[i](rec)
                 self.packer.check(sample)
             except BadSample as e:
                 self.acc.add_bad(name, rec.shard, e.reason)
@@ -151,9 +149,12 @@ class PackedIterator:
         self.acc.packed(int((batch["seq_ids"] >= 0).sum()), batch["input_ids"].numel())
         # the state is the position before the oldest sample the packer still holds
         base = self.packer.resume_from() or self._snapshot()
-        self._state = {"stream": base["stream"], "counts": {**base["counts"], **_packed(self.acc)}}
+        state = {"stream": base["stream"], "counts": {**base["counts"], **_packed(self.acc)}}
         batch[_STATS_KEY] = {"slot": self.slot, "worker": self.worker, "stats": self.acc.stats(),
-                             "state": self._state}
+                             "state": state}
+        # Dedup tables as of now: re-building the held samples on resume leaves them unchanged
+        # (a record met again in its own shard is not a duplicate), so no per-sample copies.
+        self._state = {**state, "filters": [b.state_dict() for b in self.builders]}
         return batch
 
     def state_dict(self) -> dict:

@@ -18,8 +18,6 @@ from evip.batch import KINDS
 from evip.config import ConfigError, load_config
 
 FORMATS = ("webdataset", "jsonl", "hf")
-# Template names the sample builder understands (evip/data/text.py owns their meaning).
-DEFAULT_TEMPLATES = ("caption", "chat", "text", "grounding", "ocr")
 
 
 @dataclass
@@ -32,8 +30,8 @@ class SourceConfig:
     paths: list[str] = field(default_factory=list)
     root: str = ""                        # jsonl: directory image paths are relative to
     weight: float = 1.0                   # relative, > 0
-    template: str = "caption"
-    filters: dict[str, Any] = field(default_factory=dict)   # passed to the sample builder
+    template: str = ""                    # '' or the kind's name: the kind's default template
+    filters: dict[str, Any] = field(default_factory=dict)   # FilterConfig fields (evip/data/filters.py)
     shuffle_within_shard: bool = True     # seeded permutation of members (needs seekable shards)
     rows_per_shard: int = 1024            # jsonl/hf: rows per virtual shard (unit of work/shuffle)
     image_column: str = "image"           # hf
@@ -47,12 +45,25 @@ class RecipeConfig:
     sources: list[SourceConfig] = field(default_factory=list)
 
 
-def _templates() -> tuple[str, ...]:
-    try:  # the sample builder's own list, once it exists
-        from evip.data.text import TEMPLATES  # type: ignore[attr-defined]
-        return tuple(TEMPLATES)
-    except (ImportError, AttributeError):
-        return DEFAULT_TEMPLATES
+def resolve_template(src: SourceConfig) -> str:
+    """The sample builder's template for a source: '' or the kind's own name mean its default."""
+    from evip.data.text import DEFAULT_TEMPLATE, TEMPLATES
+    t = "" if src.template in ("", src.kind) else src.template
+    t = t or DEFAULT_TEMPLATE[src.kind]
+    if t not in TEMPLATES[src.kind]:
+        raise ValueError(f"unknown template {src.template!r} for kind {src.kind!r}; use one of "
+                         f"{['', src.kind, *TEMPLATES[src.kind]]}")
+    return t
+
+
+def filter_config(src: SourceConfig, base=None):
+    """`base` (a FilterConfig; defaults when None) with the source's `filters` merged over it."""
+    from omegaconf import OmegaConf
+
+    from evip.data.filters import FilterConfig
+    merged = OmegaConf.merge(OmegaConf.structured(base if base is not None else FilterConfig()),
+                             OmegaConf.create(dict(src.filters)))
+    return OmegaConf.to_object(merged)
 
 
 def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
@@ -61,8 +72,8 @@ def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
 
     if not recipe.sources:
         raise ConfigError(f"'sources' in {where} is empty: list at least one source")
+    from omegaconf.errors import OmegaConfBaseException
     names = set()
-    templates = _templates()
     for i, src in enumerate(recipe.sources):
         key = f"sources.{i}"
         if src.name in names:
@@ -73,9 +84,15 @@ def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
         if src.format not in FORMATS:
             raise ConfigError(f"'{key}.format' in {where}: unknown format {src.format!r}; "
                               f"use one of {list(FORMATS)}")
-        if src.template not in templates:
-            raise ConfigError(f"'{key}.template' in {where}: unknown template {src.template!r}; "
-                              f"use one of {list(templates)}")
+        try:
+            resolve_template(src)
+        except ValueError as e:
+            raise ConfigError(f"'{key}.template' in {where}: {e}") from None
+        try:
+            filter_config(src)
+        except (OmegaConfBaseException, ValueError) as e:
+            bad = getattr(e, "full_key", "") or ""
+            raise ConfigError(f"'{key}.filters{'.' + bad if bad else ''}' in {where}: {e}".splitlines()[0]) from None
         if not src.weight > 0:
             raise ConfigError(f"'{key}.weight' in {where}: weight must be > 0, got {src.weight}")
         if src.rows_per_shard < 1:
