@@ -6,6 +6,8 @@ Reads (written by evip/metrics.py and evip/pipeline.py):
                                      {"kind": "eval", "stage", "step", "time", <eval values>}
     base/model_config.json           to count each stage's trainable parameters (meta device, no memory)
     stages/<i>_<name>/stage.yaml     the stage's trainable groups
+    stages/<i>_<name>/eval_start.json  text-only loss at the stage's start (evip/evals.py)
+    eval_base.json                   text-only loss of the base LLM (evip/evals.py)
     accuracy.json (optional)         held-out accuracy (evip/demo/accuracy.py AccuracyResult.to_dict())
 Writes into RUN_DIR/report/ (or --out):
     loss.png         training loss per stage, one panel per stage, one line per sample kind
@@ -26,7 +28,7 @@ from pathlib import Path
 KINDS = ("caption", "chat", "text")
 # eval value names (evip/evals.py): the text-only forgetting monitor and the held-out caption loss
 TEXT_LOSS_KEYS = ("text_loss",)
-CAPTION_LOSS_KEYS = ("caption_loss",)
+CAPTION_LOSS_KEYS = ("heldout_caption_loss",)
 STAGE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
@@ -37,6 +39,7 @@ class StageMetrics:
     evals: list[dict] = field(default_factory=list)     # in step order
     trainable_params: int | None = None
     total_params: int | None = None
+    start_text_loss: float | None = None                # stages/<i>_<name>/eval_start.json
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         pts = [(r["step"], r[key]) for r in self.train
@@ -90,6 +93,26 @@ def read_metrics(path: str | Path) -> list[StageMetrics]:
     return list(stages.values())
 
 
+def _stage_dirs(run_dir: Path) -> dict[str, Path]:
+    """{stage name: its directory} from stages/<i>_<name>/stage.yaml."""
+    from omegaconf import OmegaConf
+    out = {}
+    for stage_yaml in sorted((run_dir / "stages").glob("*/stage.yaml")):
+        out[str(OmegaConf.load(stage_yaml).get("name"))] = stage_yaml.parent
+    return out
+
+
+def read_start_losses(run_dir: Path, stages: list[StageMetrics]) -> float | None:
+    """Fill each stage's start text-only loss; return the base LLM's (None when not measured)."""
+    dirs = _stage_dirs(run_dir)
+    for s in stages:
+        f = dirs.get(s.name, run_dir / "-") / "eval_start.json"
+        if f.is_file():
+            s.start_text_loss = json.loads(f.read_text()).get("text_loss")
+    base = run_dir / "eval_base.json"
+    return json.loads(base.read_text()).get("text_loss") if base.is_file() else None
+
+
 def count_trainable(run_dir: Path, stages: list[StageMetrics]) -> None:
     """Fill trainable/total parameters from the run's model config and each stage's groups."""
     cfg_file = run_dir / "base" / "model_config.json"
@@ -106,8 +129,8 @@ def count_trainable(run_dir: Path, stages: list[StageMetrics]) -> None:
         model = MonoInternVL(ModelConfig(**json.loads(cfg_file.read_text())))
     sizes = {g: sum(p.numel() for _, p in ps) for g, ps in named_groups(model).items()}
     total = sum(sizes.values())
-    for stage_yaml in sorted((run_dir / "stages").glob("*/stage.yaml")):
-        cfg = OmegaConf.load(stage_yaml)
+    for stage_dir in _stage_dirs(run_dir).values():
+        cfg = OmegaConf.load(stage_dir / "stage.yaml")
         groups = list(cfg.get("trainable", []))
         for s in stages:
             if s.name == cfg.get("name"):
@@ -154,20 +177,19 @@ def plot_loss(stages: list[StageMetrics], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_forgetting(stages: list[StageMetrics], out: Path) -> None:
+def plot_forgetting(stages: list[StageMetrics], base_loss: float | None, out: Path) -> None:
     import matplotlib.pyplot as plt
     offsets = _offsets(stages)
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
-    base = None
     for i, (s, off) in enumerate(zip(stages, offsets)):
-        pts = [(off + e["step"], math.exp(v)) for e in s.evals if (v := _first(e, TEXT_LOSS_KEYS)) is not None]
+        pts = [(off, math.exp(s.start_text_loss))] if s.start_text_loss is not None else []
+        pts += [(off + e["step"], math.exp(v)) for e in s.evals if (v := _first(e, TEXT_LOSS_KEYS)) is not None]
         if pts:
-            if base is None and stages[0] is s and s.evals[0]["step"] == 0:
-                base = pts[0][1]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
                     color=STAGE_COLOURS[i % len(STAGE_COLOURS)], label=s.name)
-    if base is not None:
-        ax.axhline(base, color="black", lw=0.8, ls="--", label=f"base LLM ({base:.2f})")
+    if base_loss is not None:
+        ax.axhline(math.exp(base_loss), color="black", lw=0.8, ls="--",
+                   label=f"base LLM ({math.exp(base_loss):.2f})")
     _stage_bounds(ax, stages, offsets)
     ax.set_xlabel("step (all stages)")
     ax.set_ylabel("text-only perplexity")
@@ -217,27 +239,39 @@ def _start_end(start: float | None, end: float | None, digits: int, exp: bool = 
     return text + (" (identical)" if start == end else "")
 
 
+def _window_means(values: list[float]) -> tuple[float | None, float | None]:
+    """Means of the first and last tenth of a series (1 to 5 points each): step losses are noisy."""
+    if not values:
+        return None, None
+    k = min(5, max(1, len(values) // 10))
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
 def stage_row(s: StageMetrics) -> list[str]:
-    x, caption = s.series("loss_caption")
-    if not x:
-        x, caption = s.series("loss")
     ev_caption = [v for e in s.evals if (v := _first(e, CAPTION_LOSS_KEYS)) is not None]
+    kind = next((k for k in ("caption", "chat") if s.series(f"loss_{k}")[0]), None)
+    if len(ev_caption) >= 2:
+        loss, label = (ev_caption[0], ev_caption[-1]), "held-out caption"
+    elif kind is not None:
+        loss, label = _window_means(s.series(f"loss_{kind}")[1]), kind
+    else:
+        loss, label = _window_means(s.series("loss")[1]), "all"
     ev_text = [v for e in s.evals if (v := _first(e, TEXT_LOSS_KEYS)) is not None]
-    cap = (ev_caption[0], ev_caption[-1]) if len(ev_caption) >= 2 else \
-        ((caption[0], caption[-1]) if caption else (None, None))
-    text = (ev_text[0], ev_text[-1]) if ev_text else (None, None)
+    start = s.start_text_loss if s.start_text_loss is not None else (ev_text[0] if ev_text else None)
+    text = (start, ev_text[-1]) if ev_text else (None, None)
     return [s.name, _fmt_params(s.trainable_params, s.total_params), str(s.steps), f"{s.tokens:,}",
-            _start_end(*cap, 3), _start_end(*text, 4, exp=True), f"{s.seconds:.0f} s"]
+            f"{_start_end(*loss, 3)} ({label})", _start_end(*text, 4, exp=True), f"{s.seconds:.0f} s"]
 
 
 def summary_markdown(stages: list[StageMetrics], accuracy: dict | None) -> str:
     head = ["stage", "trainable params", "steps", "tokens", "caption loss start -> end",
             "text-only perplexity start -> end", "time"]
     lines = ["# EViP run summary", "",
-             "Caption loss: held-out caption loss at the stage's first and last eval when evals ran, "
-             "else the training caption loss of the first and last step. Text-only perplexity: "
-             "exp(text-only loss) on the real corpus at the stage's first and last eval; "
-             "'(identical)' means the two losses are equal bit for bit.", "",
+             "Caption loss: the held-out caption loss at the stage's first and last eval when there "
+             "are two, else the training loss of the stage's main kind (caption; chat in "
+             "instruction tuning) averaged over the first and last tenth of its steps (1-5 steps). "
+             "Text-only perplexity: exp(text-only loss) on a real corpus at the stage's start and at "
+             "its last eval; '(identical)' means the two losses are equal bit for bit.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(stage_row(s)) + " |" for s in stages]
     total = sum(s.seconds for s in stages)
@@ -264,10 +298,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     if not stages:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no train or eval record yet")
     count_trainable(run_dir, stages)
+    base_loss = read_start_losses(run_dir, stages)
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / f"{name}.png" for name in ("loss", "forgetting", "throughput", "data_wait")}
     plot_loss(stages, files["loss"])
-    plot_forgetting(stages, files["forgetting"])
+    plot_forgetting(stages, base_loss, files["forgetting"])
     _plot_per_step(stages, "tokens_per_s", "tokens / s", "Throughput (tokens per second, all ranks)",
                    files["throughput"])
     _plot_per_step(stages, "data_wait_frac", "% of step", "Time waiting for data", files["data_wait"],

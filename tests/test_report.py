@@ -34,7 +34,10 @@ def fake_run(run_dir, steps=6, resumed_stage=None):
         sdir.mkdir(parents=True)
         (sdir / "stage.yaml").write_text(to_yaml(StageConfig(name=name, trainable=groups, steps=steps)))
         text_loss = BASE_TEXT_LOSS + 0.1 * max(0, i - 1)   # frozen LLM in S1.1/S1.2: unchanged
-        metrics.log_eval(name, 0, {"text_loss": text_loss, "caption_loss": 4.0 - i * 0.5})
+        # what evip.evals.Evaluator.stage_start leaves
+        (sdir / "eval_start.json").write_text(json.dumps({"text_loss": text_loss}))
+        if i == 0:
+            (run_dir / "eval_base.json").write_text(json.dumps({"text_loss": text_loss}))
         c = Counters()
         replay = [3, 4] if name == resumed_stage else []    # a resume repeats steps 3-4
         for step in list(range(1, steps + 1)) + replay:
@@ -44,8 +47,8 @@ def fake_run(run_dir, steps=6, resumed_stage=None):
                      "kind_loss": {"caption": loss if kind == "caption" else None,
                                    "chat": loss if kind == "chat" else None, "text": None}}
             metrics.log_step(name, c, stats, 1e-4, 0.5, 0.05 * (i + 1) * 0.5, steps, False)
-        metrics.log_eval(name, steps, {"text_loss": BASE_TEXT_LOSS + 0.1 * i if i > 1 else text_loss,
-                                       "caption_loss": 4.0 - i * 0.5 - 0.6})
+        metrics.log_eval(name, steps, {"final": True, "text_loss": BASE_TEXT_LOSS + 0.1 * i if i > 1 else text_loss,
+                                       "heldout_caption_loss": 4.0 - i * 0.5 - 0.6})
     metrics.close()
     return cfg
 
@@ -54,7 +57,7 @@ def test_read_metrics_keeps_last_record_per_step(tmp_path):
     fake_run(tmp_path, resumed_stage="s1_2_semantic")
     stages = read_metrics(tmp_path / "metrics.jsonl")
     assert [s.name for s in stages] == [n for n, _, _ in STAGES]
-    assert all(s.steps == 6 and len(s.train) == 6 and len(s.evals) == 2 for s in stages)
+    assert all(s.steps == 6 and len(s.train) == 6 and len(s.evals) == 1 for s in stages)
     assert stages[1].tokens == 6 * 512
     assert stages[0].seconds == pytest.approx(6 * 0.5)
 
@@ -79,7 +82,11 @@ def test_report_writes_plots_and_summary(tmp_path, capsys):
     assert cells[0][5].strip() == f"{ppl} -> {ppl} (identical)"
     assert cells[1][5].strip() == f"{ppl} -> {ppl} (identical)"
     assert "identical" not in cells[3][5]
-    assert cells[0][4].strip() == "4.000 -> 3.400"           # held-out caption loss start -> end
+    # one held-out eval per stage: the training loss of the first / last step window is shown
+    assert cells[0][4].strip() == "3.900 -> 3.400 (caption)"
+    assert cells[3][4].strip() == "2.400 -> 1.900 (chat)"
+    ppl3 = f"{math.exp(BASE_TEXT_LOSS + 0.1):.4f} -> {math.exp(BASE_TEXT_LOSS + 0.2):.4f}"
+    assert cells[2][5].strip() == ppl3
     assert "Held-out accuracy" not in md
     assert "loss:" not in capsys.readouterr().err
 
