@@ -120,3 +120,13 @@ def test_tokenizer_passed_explicitly(tmp_path):
     hf.save_pretrained(str(tmp_path))                   # no tokenizer files in the directory
     model, tok = load_pretrained_llm(tmp_path, VISION, tokenizer=tiny_tokenizer(100))
     assert model.cfg.vocab_size == 128 and tok.convert_tokens_to_ids("<img>") == 100   # ids inside the table
+
+
+def test_bf16_checkpoint_gives_a_bf16_model(tmp_path):
+    hf = hf_llm("qwen2").to(torch.bfloat16)
+    save_hf(hf, tmp_path)
+    model, _ = load_pretrained_llm(tmp_path, VISION)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}   # fresh vision weights included
+    as_fp32, _ = load_pretrained_llm(tmp_path, VISION, dtype=torch.float32)
+    assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
+    assert torch.equal(as_fp32.layers[0].attention.q_proj.bias, hf.model.layers[0].self_attn.q_proj.bias.float())

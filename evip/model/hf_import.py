@@ -100,6 +100,9 @@ class StateDictSource:
             raise MissingTensorError(f"tensor '{key}' is missing from {self.described_by}")
         return self._tensors[key]
 
+    def dtype_of(self, key: str) -> torch.dtype:
+        return self.get(key).dtype
+
     def where(self, key: str) -> str:
         return self.described_by
 

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -111,12 +112,7 @@ def config_from_released(config: dict[str, Any], source: str = "config.json",
     if ctx is not None:
         vision["img_context_token_id"] = int(ctx)
     cfg = model_config_from_hf(llm, vision, f"{source} (llm_config)")
-    return _replace(cfg, attention_bias=bias)
-
-
-def _replace(cfg: ModelConfig, **changes) -> ModelConfig:
-    import dataclasses
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, attention_bias=bias)
 
 
 def _img_context_id_from_tokenizer_files(directory: Path) -> int | None:

@@ -17,6 +17,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model; the message names the cause."""
 
@@ -71,6 +75,11 @@ class SafetensorsCheckpoint:
             if key not in f.keys():
                 raise MissingTensorError(f"tensor '{key}' is listed in {self.described_by} but missing from {path}")
             return f.get_tensor(key)
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        """The stored dtype of `key`, read from the file header only."""
+        with safe_open(str(self.file_of(key)), framework="pt") as f:
+            return _DTYPES[f.get_slice(key).get_dtype()]
 
     def where(self, key: str) -> str:
         return str(self._files.get(key, self.described_by))

@@ -11,6 +11,7 @@ transformers (fp32), whose tensors then become ours without a copy.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,7 +23,7 @@ from evip.model.hf_import import hf_key, load_gguf, read_hf_config
 from evip.model.meta_load import build_empty, materialize
 from evip.model.mono2b_layout import load_mono2b, save_mono2b
 from evip.model.safetensors_io import SafetensorsCheckpoint
-from evip.model.tokens import add_image_tokens
+from evip.model.tokens import SPECIAL_TOKENS, add_image_tokens
 from evip.model.upcycle import VocabExtension, init_vision_param, is_expert_copy, is_vision, text_source_of
 
 __all__ = ["load_pretrained_llm", "load_mono2b", "save_mono2b"]
@@ -49,7 +50,8 @@ def load_pretrained_llm(source: str | Path, vision: Mapping[str, Any] | None = N
     copies of the text ones; the tokenizer gains the image / grounding tokens, whose embedding and
     head rows are the mean of the known rows; patch embedding and projector are initialised from
     `seed`. `vision` sets our non-LLM ModelConfig fields (tile size, patch size, D, experts...).
-    Returns (model, tokenizer); `model.cfg`-style facts: vocab_size and img_context_token_id set.
+    `dtype` defaults to the checkpoint's (fp32 for GGUF). Returns (model, tokenizer) with
+    `model.cfg.vocab_size` and `model.cfg.img_context_token_id` matching the tokenizer.
     """
     path = Path(source)
     if path.suffix == ".gguf":
@@ -68,13 +70,15 @@ def load_pretrained_llm(source: str | Path, vision: Mapping[str, Any] | None = N
     base = model_config_from_hf(hf_cfg, vision, where)
 
     known = len(tok)
-    new_tokens = [t for t in _special_tokens() if t not in tok.get_vocab()]
+    new_tokens = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     ids = add_image_tokens(tok)
     new_ids = tuple(tok.convert_tokens_to_ids(new_tokens))
     vocab = VocabExtension(base_rows=base.vocab_size, known=min(known, base.vocab_size), new_ids=new_ids)
-    cfg = _with(base, vocab_size=vocab.rows, img_context_token_id=ids[2],
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else base.pad_token_id)
+    cfg = dataclasses.replace(base, vocab_size=vocab.rows, img_context_token_id=ids[2],
+                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else base.pad_token_id)
 
+    if dtype is None:  # the checkpoint's own dtype, so the fresh vision parameters match it
+        dtype = tensors.dtype_of(hf_key(family, "tok_embeddings.weight", cfg)[0])
     model = build_empty(cfg)
 
     def produce(name: str, shape: torch.Size) -> torch.Tensor:
@@ -96,12 +100,3 @@ def load_pretrained_llm(source: str | Path, vision: Mapping[str, Any] | None = N
     materialize(model, produce, dtype, where_of)
     return model, tok
 
-
-def _special_tokens() -> list[str]:
-    from evip.model.tokens import SPECIAL_TOKENS
-    return list(SPECIAL_TOKENS)
-
-
-def _with(cfg, **changes):
-    import dataclasses
-    return dataclasses.replace(cfg, **changes)
