@@ -28,7 +28,8 @@ class SourceConfig:
     # webdataset: tar paths, globs, brace ranges ("shard-{00000..00099}.tar") or "pipe:CMD";
     # jsonl: .jsonl files (globs ok); hf: parquet/arrow files, or one `save_to_disk` directory.
     paths: list[str] = field(default_factory=list)
-    root: str = ""                        # jsonl: directory image paths are relative to
+    root: str = ""                        # base directory: jsonl image paths are relative to it;
+                                          # usable in paths as "${..root}/..."
     weight: float = 1.0                   # relative, > 0
     template: str = ""                    # '' or the kind's name: the kind's default template
     filters: dict[str, Any] = field(default_factory=dict)   # FilterConfig fields (evip/data/filters.py)
@@ -46,24 +47,20 @@ class RecipeConfig:
 
 
 def resolve_template(src: SourceConfig) -> str:
-    """The sample builder's template for a source: '' or the kind's own name mean its default."""
-    from evip.data.text import DEFAULT_TEMPLATE, TEMPLATES
-    t = "" if src.template in ("", src.kind) else src.template
-    t = t or DEFAULT_TEMPLATE[src.kind]
-    if t not in TEMPLATES[src.kind]:
-        raise ValueError(f"unknown template {src.template!r} for kind {src.kind!r}; use one of "
-                         f"{['', src.kind, *TEMPLATES[src.kind]]}")
-    return t
+    """The template name to give the sample builder ('' = the kind's default); ValueError when it
+    cannot format the source's kind (evip/data/text.py owns the names)."""
+    from evip.data.text import check_template
+    check_template(src.kind, src.template)
+    return src.template
 
 
 def filter_config(src: SourceConfig, base=None):
     """`base` (a FilterConfig; defaults when None) with the source's `filters` merged over it."""
-    from omegaconf import OmegaConf
+    from dataclasses import asdict
 
     from evip.data.filters import FilterConfig
-    merged = OmegaConf.merge(OmegaConf.structured(base if base is not None else FilterConfig()),
-                             OmegaConf.create(dict(src.filters)))
-    return OmegaConf.to_object(merged)
+    merged = {**(asdict(base) if base is not None else {}), **dict(src.filters)}
+    return FilterConfig.from_dict(merged, where=f"the filters of source {src.name!r}")
 
 
 def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
@@ -72,7 +69,6 @@ def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
 
     if not recipe.sources:
         raise ConfigError(f"'sources' in {where} is empty: list at least one source")
-    from omegaconf.errors import OmegaConfBaseException
     names = set()
     for i, src in enumerate(recipe.sources):
         key = f"sources.{i}"
@@ -90,9 +86,8 @@ def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
             raise ConfigError(f"'{key}.template' in {where}: {e}") from None
         try:
             filter_config(src)
-        except (OmegaConfBaseException, ValueError) as e:
-            bad = getattr(e, "full_key", "") or ""
-            raise ConfigError(f"'{key}.filters{'.' + bad if bad else ''}' in {where}: {e}".splitlines()[0]) from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"'{key}.filters' in {where}: {e}") from None
         if not src.weight > 0:
             raise ConfigError(f"'{key}.weight' in {where}: weight must be > 0, got {src.weight}")
         if src.rows_per_shard < 1:
@@ -107,8 +102,48 @@ def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
             raise ConfigError(f"'{key}.root' in {where}: image root {src.root!r} is not a directory")
 
 
+def _raw_recipe(path: Path, overrides: Sequence[str]) -> dict:
+    """The YAML with the overrides applied (list items addressed as `sources.0.root=...`), and no
+    `???` left: merged into the schema, a `???` would silently keep the field's default."""
+    import yaml
+    from omegaconf import OmegaConf
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from None
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if not eq:
+            raise ConfigError(f"recipe override {o!r} is not of the form key=value")
+        try:
+            OmegaConf.update(raw, key, yaml.safe_load(value), merge=True)
+        except Exception as e:
+            raise ConfigError(f"recipe override {o!r} does not apply to {path}: {e}") from None
+    missing = sorted(_missing(OmegaConf.to_container(raw, resolve=False)))
+    if missing:
+        raise ConfigError(f"required value '{missing[0]}' is missing: fill it in in {path} or pass "
+                          f"{missing[0]}=... in data.recipe_overrides")
+    return OmegaConf.to_container(raw, resolve=False)
+
+
+def _missing(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return [prefix] if node == "???" else []
+    return [k for key, v in items for k in _missing(v, f"{prefix}.{key}" if prefix else str(key))]
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
     """Load, merge overrides and validate a recipe; raises ConfigError naming key and file."""
-    recipe = load_config(RecipeConfig, [path], overrides)
+    raw = _raw_recipe(Path(path), overrides)
+    try:
+        recipe = load_config(RecipeConfig, base=raw)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("the base config", str(path))) from None
     validate_recipe(recipe, str(path))
     return recipe
