@@ -10,6 +10,7 @@
 #                  default 127.0.0.1:<free port>)
 #   RDZV_ID        rendezvous id, the same on every node (default: evip-<basename of RUN_DIR>)
 #   PYTHON         interpreter (default: the repository's .venv, else python3)
+#   EVIP_ENTRY     what each process runs (default `-m evip.cli run`; the tests use a stand-in)
 # Exit code: that of `evip run` (0 done, 75 preempted after a checkpoint: run again to continue;
 # see launch/README.md). All logic lives in evip; this file only assembles the command.
 set -euo pipefail
@@ -35,8 +36,9 @@ if [ -z "${RDZV_ENDPOINT:-}" ]; then
   RDZV_ENDPOINT="127.0.0.1:$("$PYTHON" -c 'from evip.distributed import free_port; print(free_port())')"
 fi
 RDZV_ID="${RDZV_ID:-evip-$(basename "$RUN_DIR")}"
+read -r -a ENTRY <<< "${EVIP_ENTRY:--m evip.cli run}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1
 
 exec "$PYTHON" -m evip.torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC" \
   --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID" --max-restarts 0 \
-  -m evip.cli run "$PIPELINE" --run-dir "$RUN_DIR" "$@"
+  "${ENTRY[@]}" "$PIPELINE" --run-dir "$RUN_DIR" "$@"
