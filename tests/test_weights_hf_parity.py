@@ -27,9 +27,10 @@ def assert_text_parity(ours: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(ours[..., : ref.shape[-1]], ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind,shard", [("llama", None), ("qwen2", None), ("llama", "60KB"), ("qwen2", "60KB")])
-def test_hf_checkpoint_logits_match_transformers(tmp_path, kind, shard):
-    hf = hf_llm(kind)
+@pytest.mark.parametrize("kind,shard,overrides", [("llama", None, {}), ("qwen2", None, {}), ("llama", "60KB", {}),
+                                                 ("qwen2", "60KB", {}), ("llama", None, {"head_dim": 32})])
+def test_hf_checkpoint_logits_match_transformers(tmp_path, kind, shard, overrides):
+    hf = hf_llm(kind, **overrides)
     save_hf(hf, tmp_path, max_shard_size=shard)
     if shard:
         assert (tmp_path / "model.safetensors.index.json").is_file()

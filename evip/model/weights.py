@@ -81,14 +81,20 @@ def load_pretrained_llm(source: str | Path, vision: Mapping[str, Any] | None = N
         dtype = tensors.dtype_of(hf_key(family, "tok_embeddings.weight", cfg)[0])
     model = build_empty(cfg)
 
+    packed: dict[str, torch.Tensor] = {}  # InternLM2: one wqkv read serves q, k and v
+
     def produce(name: str, shape: torch.Size) -> torch.Tensor:
         if is_vision(name):
             return init_vision_param(name, shape, seed)
         key, pick = hf_key(family, text_source_of(name), cfg)
-        t = tensors.get(key)
         if pick is not None:
-            t = pick(t)
-        elif is_expert_copy(name):
+            if key not in packed:
+                packed.clear()
+                packed[key] = tensors.get(key)
+            t = pick(packed[key])
+        else:
+            t = tensors.get(key)
+        if pick is None and is_expert_copy(name):
             t = t.clone()  # the expert trains apart from the text weights
         if name in ("tok_embeddings.weight", "output.weight"):
             t = vocab.extend(t)
