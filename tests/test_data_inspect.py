@@ -1,0 +1,112 @@
+"""`evip data inspect`: real shards (built by `evip data build`) through the real loader."""
+from __future__ import annotations
+
+import io
+import re
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from evip.config import load_config
+from evip.data.build import BuildConfig, build_shards
+from evip.data.images import ImageConfig, ImageProcessor
+from evip.data.inspect import infer_grid, inspect_recipe
+from evip.data.loader import DataConfig
+from evip.model.tokens import IMG_CONTEXT
+from tests.conftest import tiny_model_config
+from tests.test_data_text import real_tokenizer
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field"]
+
+
+def photo(name: str, size=(300, 200)) -> bytes:
+    from skimage import data as skdata
+    img = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize(size)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def bomb_png() -> bytes:
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inspect")
+    photos = root / "photos"
+    photos.mkdir()
+    for i, name in enumerate(PHOTOS):
+        (photos / f"{name}.jpg").write_bytes(photo(name, (300 + 100 * (i % 3), 200 + 150 * (i % 2))))
+        (photos / f"{name}.txt").write_text(f"a real photo: {name.replace('_', ' ')}")
+    build_shards(BuildConfig(input=str(photos), out=str(root / "captions"), samples_per_shard=4, progress=False))
+    # a hand-written noisy shard: garbage bytes named .jpg, a bomb header, a missing caption
+    with wds.TarWriter(str(root / "captions" / "noisy-000000.tar"), encoder=False, mtime=0.0) as w:
+        w.write({"__key__": "g", "jpg": b"\xff\xd8\xff garbage", "txt": b"garbage"})
+        w.write({"__key__": "b", "png": bomb_png(), "txt": b"a bomb"})
+        w.write({"__key__": "m", "jpg": photo("coffee"), "json": b"{}"})
+    img_dir = root / "chat_images"
+    img_dir.mkdir()
+    (img_dir / "cat.jpg").write_bytes(photo("chelsea"))
+    conv = [{"from": "human", "value": "<image>\nWhat animal is this?"}, {"from": "gpt", "value": "A cat."}]
+    lines = [{"id": f"c{i}", "image": "cat.jpg", "conversations": conv} for i in range(6)]
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    build_shards(BuildConfig(input=str(root / "chat.jsonl"), out=str(root / "chats"), root=str(img_dir), progress=False))
+    recipe = root / "recipe.yaml"
+    recipe.write_text(f"""
+name: inspect_test
+sources:
+  - name: captions
+    kind: caption
+    format: webdataset
+    template: caption
+    weight: 3.0
+    paths: ["{root}/captions/*.tar"]
+  - name: chats
+    kind: chat
+    format: webdataset
+    template: chat
+    weight: 1.0
+    paths: ["{root}/chats/*.tar"]
+""")
+    return recipe
+
+
+def test_inspect_reports_and_draws(recipe, smollm2_path, tmp_path):
+    tok = real_tokenizer(smollm2_path)
+    model_cfg = tiny_model_config(vocab_size=len(tok), img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
+    data_cfg = load_config(DataConfig, None, [f"recipe={recipe}", "num_workers=0", "token_budget=256", "rows=2",
+                                              "max_images_per_pack=32", "sample.image.max_tiles=6",
+                                              "min_samples_before_threshold=1000"])
+    lines: list[str] = []
+    sheet = tmp_path / "sheet.png"
+    rep = inspect_recipe(data_cfg, tok, model_cfg, batches=6, sheet=str(sheet), sheet_samples=8, log=lines.append)
+    out = "\n".join(lines)
+    assert rep["batches"] == 6 and len(rep["tokens"]) == len(rep["tiles"]) > 6
+    assert set(rep["samples"]) == {"captions", "chats"} and all(v > 0 for v in rep["samples"].values())
+    assert sum(rep["mixture"].values()) == pytest.approx(1.0)
+    assert {"decode", "bomb", "missing_field"} <= set(rep["bad"]["captions"])     # skipped and counted
+    assert "captions" in out and "tokens per sample:" in out and "tiles per sample:" in out
+    assert re.search(r"captions +\d+ +0\.\d+ +0\.750 +bomb: \d+, decode: \d+, missing_field: \d+", out)
+    assert 0 < rep["packing_efficiency"] <= 1
+    img = Image.open(sheet)
+    assert img.size == (4 * 320, 2 * (320 + 150))
+
+
+def test_infer_grid_recovers_the_tiling():
+    from skimage import data as skdata
+    buf = io.BytesIO()
+    Image.fromarray(skdata.coffee()).resize((900, 600)).save(buf, "PNG")
+    proc = ImageProcessor(ImageConfig(max_tiles=6), tile_size=56)
+    assert proc.grid(900, 600) == (3, 2)
+    assert infer_grid(proc(buf.getvalue())) == (3, 2, True)
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).resize((300, 900)).save(buf, "PNG")
+    assert infer_grid(proc(buf.getvalue())) == (*proc.grid(300, 900), True)
