@@ -41,4 +41,4 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1
 
 exec "$PYTHON" -m evip.torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC" \
   --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID" --max-restarts 0 \
-  "${ENTRY[@]}" "$PIPELINE" --run-dir "$RUN_DIR" "$@"
+  "${ENTRY[@]}" "$PIPELINE" "$@" --run-dir "$RUN_DIR"
