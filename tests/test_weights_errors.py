@@ -82,3 +82,9 @@ def test_mono2b_missing_tensor_names_released_key_and_shard(tmp_path):
 def test_mono2b_not_a_mono_config(tmp_path, llama_dir):
     with pytest.raises(ValueError, match="has no 'llm_config'"):
         load_mono2b(llama_dir)
+
+
+def test_directory_without_tokenizer_says_how_to_pass_one(tmp_path):
+    hf_llm("llama").save_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no usable tokenizer in .*pass tokenizer="):
+        load_pretrained_llm(tmp_path, VISION)
