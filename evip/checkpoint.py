@@ -194,6 +194,22 @@ def build_from_weights(model_cfg, path: Path):
     return model
 
 
+def restore_fp32_masters(engine, weights: Path) -> int:
+    """Under bf16 DeepSpeed makes its fp32 master weights from the bf16-cast module, which would
+    round every trained parameter at each stage start; set them from the fp32 file instead
+    (collective under ZeRO-3). Returns how many were set."""
+    from safetensors import safe_open
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    n = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for name, p in engine.module.named_parameters():
+            if p.requires_grad and safe_get_full_fp32_param(p) is not None:
+                safe_set_full_fp32_param(p, f.get_tensor(name).float().to(engine.device))
+                n += 1
+    return n
+
+
 def consolidated_state(engine, start_weights: Path, rank: int) -> dict[str, torch.Tensor] | None:
     """fp32 weights of the whole model at this instant (collective under ZeRO-3); rank 0 gets them.
 

@@ -98,6 +98,8 @@ class StageTrainer:
         ckpt.clean_partial(self.ckpt_root, c.rank)
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
+            if self.stage.precision == "bf16":
+                ckpt.restore_fp32_masters(self.engine, c.input_weights)
             self.counters = ckpt.Counters()
             seed_everything(c.seed * 1000 + c.index + 7919 * c.rank)
         else:

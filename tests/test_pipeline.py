@@ -1,0 +1,77 @@
+"""The four stages on a tiny model (one process, ZeRO-1 bf16): what each stage may change.
+
+S1.1 and S1.2 train only the patch embedding and the visual FFNs: every LLM parameter is bit-identical
+to the base. S1.3 also trains attention: the text FFNs stay identical. S2 trains everything.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evip.model.groups import group_of
+from evip.pipeline import load_pipeline, run_pipeline
+from evip.stages import FrozenParameterChanged, verify_frozen
+from trainer_helpers import TINY, generated_factory, train_losses
+
+LLM = {"attention", "text_ffn", "norms", "embeddings", "head"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    import os
+    os.environ["WANDB_MODE"] = "disabled"
+    d = tmp_path_factory.mktemp("pipeline")
+    lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", "stages_all.precision=bf16",
+                              "stages_all.zero_stage=1"])
+    run_pipeline(lp, d, loader_factory=generated_factory)
+    return d
+
+
+def _weights(run, name):
+    path = run / "base" / "model.safetensors" if name == "base" else next((run / "stages").glob(f"*_{name}/model.safetensors"))
+    return load_file(str(path))
+
+
+def _changed(a, b):
+    return {n: not torch.equal(a[n], b[n]) for n in a}
+
+
+def _by_group(changed):
+    out = {}
+    for n, c in changed.items():
+        if n == "vision.class_embedding":   # the class token is dropped after adding positions: no gradient
+            assert not c
+            continue
+        out.setdefault(group_of(n), []).append(c)
+    return out
+
+
+def test_stage_weights_follow_trainable_groups(run):
+    base, s11, s12, s13, s2 = (_weights(run, n) for n in
+                               ("base", "s1_1_concept", "s1_2_semantic", "s1_3_alignment", "s2_instruct"))
+    for before, after in ((base, s11), (s11, s12)):
+        g = _by_group(_changed(before, after))
+        assert not any(any(g[k]) for k in LLM)             # the whole LLM bit-identical
+        assert all(g["patch_embed"]) and all(g["visual_ffn"])
+    g = _by_group(_changed(s12, s13))
+    assert not any(g["text_ffn"]) and not any(g["norms"]) and not any(g["embeddings"]) and not any(g["head"])
+    assert all(g["attention"]) and all(g["visual_ffn"])
+    g = _by_group(_changed(s13, s2))
+    assert all(any(v) for v in g.values()) and sum(map(sum, g.values())) == len(s2) - 1
+    assert all(t.dtype == torch.float32 for t in s2.values())
+
+
+def test_rerun_of_a_finished_run_trains_nothing(run):
+    before = (run / "metrics.jsonl").read_text()
+    lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", "stages_all.precision=bf16",
+                              "stages_all.zero_stage=1"])
+    assert run_pipeline(lp, run, loader_factory=generated_factory) == []
+    assert (run / "metrics.jsonl").read_text() == before
+    assert len(train_losses(run)) == 16
+
+
+def test_frozen_check_names_the_parameter():
+    with pytest.raises(FrozenParameterChanged, match="layers.0.attention.wo.weight"):
+        verify_frozen({"norm.weight": "a", "layers.0.attention.wo.weight": "b"},
+                      {"norm.weight": "a", "layers.0.attention.wo.weight": "c"}, "s1_1_concept")
