@@ -5,7 +5,7 @@ import torch
 
 from evip.batch import IGNORE_INDEX
 from evip.model.mono import MonoInternVL
-from evip.model.packed_attention import packed_context
+from evip.model.packed_attention import AttentionContext, attend, packed_context
 from tests.conftest import tiny_model_config
 
 CFG = tiny_model_config(visual_attention_experts=True)
@@ -129,3 +129,12 @@ def test_flash_segments_match_the_sdpa_block_mask():
     for s, e in zip(cu[:-1], cu[1:]):
         from_segments[s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
     assert torch.equal(torch.block_diag(mask[0], mask[1]), from_segments)
+
+
+def test_single_sample_rows_use_the_causal_kernel_with_the_same_result():
+    """seq_ids all 0 takes SDPA's is_causal path; it equals the block-mask path."""
+    seq_ids = torch.zeros(2, 7, dtype=torch.long)
+    assert packed_context(seq_ids, "sdpa").mask is None
+    q, k, v = torch.randn(2, 7, 4, 8), torch.randn(2, 7, 2, 8), torch.randn(2, 7, 2, 8)
+    masked = AttentionContext("sdpa", mask=torch.ones(7, 7, dtype=torch.bool).tril()[None, None])
+    torch.testing.assert_close(attend(q, k, v, packed_context(seq_ids, "sdpa")), attend(q, k, v, masked))

@@ -88,3 +88,22 @@ def test_loss_is_trainable_end_to_end():
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+def test_loss_without_full_logits_is_the_same():
+    """return_logits=False runs the head on labelled positions only: same loss, same grads."""
+    cfg = tiny_model_config()
+    results = []
+    for return_logits in (True, False):
+        torch.manual_seed(0)
+        model = MonoInternVL(cfg).train()
+        out = model(**_batch(cfg), return_logits=return_logits)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (full, g_full), (lean, g_lean) = results
+    assert full.logits is not None and lean.logits is None
+    torch.testing.assert_close(lean.loss, full.loss)
+    torch.testing.assert_close(lean.kind_loss_sum, full.kind_loss_sum)
+    assert torch.equal(lean.kind_num_tokens, full.kind_num_tokens) and lean.num_tokens == full.num_tokens
+    for name in g_full:
+        torch.testing.assert_close(g_lean[name], g_full[name], rtol=1e-5, atol=1e-7, msg=name)

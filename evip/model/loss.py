@@ -32,22 +32,32 @@ def shifted_targets(labels: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor
     return targets
 
 
-def packed_lm_loss(logits: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,
-                   kind_ids: Optional[torch.Tensor]) -> LossParts:
-    """logits [B, T, V]; labels, seq_ids, kind_ids [B, T]. kind_ids None: no per-kind sums."""
+def labelled_positions(labels: torch.Tensor, seq_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices over B*T of the positions that carry a loss, their target ids)."""
     targets = shifted_targets(labels, seq_ids).reshape(-1)
     sel = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    picked = logits.reshape(-1, logits.shape[-1]).index_select(0, sel).float()
-    per_token = F.cross_entropy(picked, targets.index_select(0, sel), reduction="none")
+    return sel, targets.index_select(0, sel)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, kinds: Optional[torch.Tensor]) -> LossParts:
+    """Cross-entropy of the labelled positions only: logits [N, V], targets [N], kinds [N] or None."""
+    per_token = F.cross_entropy(logits.float(), targets, reduction="none")
     loss_sum = per_token.sum()
-    num = torch.tensor(sel.numel(), device=logits.device)
+    num = torch.tensor(targets.numel(), device=logits.device)
     loss = loss_sum / num.clamp(min=1)
     kind_sum = torch.zeros(len(KINDS), dtype=torch.float32, device=logits.device)
     kind_num = torch.zeros(len(KINDS), dtype=torch.int64, device=logits.device)
-    if kind_ids is not None:
-        kinds = kind_ids.reshape(-1).index_select(0, sel)
+    if kinds is not None:
         known = (kinds >= 0) & (kinds < len(KINDS))
         kinds = torch.where(known, kinds, torch.zeros_like(kinds))
         kind_sum = kind_sum.index_add(0, kinds, per_token.detach() * known)
         kind_num = kind_num.index_add(0, kinds, known.long())
     return LossParts(loss, loss_sum, num, kind_sum, kind_num)
+
+
+def packed_lm_loss(logits: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,
+                   kind_ids: Optional[torch.Tensor]) -> LossParts:
+    """logits [B, T, V]; labels, seq_ids, kind_ids [B, T]. kind_ids None: per-kind sums stay 0."""
+    sel, targets = labelled_positions(labels, seq_ids)
+    kinds = None if kind_ids is None else kind_ids.reshape(-1).index_select(0, sel)
+    return lm_loss(logits.reshape(-1, logits.shape[-1]).index_select(0, sel), targets, kinds)

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from evip.model.config import ModelConfig
 from evip.model.decoder import DecoderLayer
 from evip.model.kv_cache import KVCache
-from evip.model.loss import packed_lm_loss
+from evip.model.loss import labelled_positions, lm_loss, packed_lm_loss
 from evip.model.norm import RMSNorm
 from evip.model.packed_attention import AttentionContext, cached_context, choose_impl, packed_context
 from evip.model.rope import rope_for
@@ -33,11 +33,11 @@ INIT_STD = 0.02
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                             # [B, T, V], model dtype
+    logits: Optional[torch.Tensor]                   # [B, T, V], model dtype; None if return_logits=False
     loss: Optional[torch.Tensor] = None              # mean CE over labelled positions
     loss_sum: Optional[torch.Tensor] = None          # fp32 scalar
     num_tokens: Optional[torch.Tensor] = None        # int64 scalar
-    kind_loss_sum: Optional[torch.Tensor] = None     # fp32 [3]: caption, chat, text
+    kind_loss_sum: Optional[torch.Tensor] = None     # fp32 [3]: caption, chat, text (0 without kind_ids)
     kind_num_tokens: Optional[torch.Tensor] = None   # int64 [3]
 
 
@@ -128,9 +128,13 @@ class MonoInternVL(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 seq_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, kind_ids: Optional[torch.Tensor] = None,
-                *, kv_cache: Optional[KVCache] = None) -> ModelOutput:
-        """A packed micro-batch (evip/batch.py) -> ModelOutput. With `kv_cache` (generation, B=1),
-        the tokens continue the cached ones and positions default to follow them."""
+                *, kv_cache: Optional[KVCache] = None, return_logits: bool = True) -> ModelOutput:
+        """A packed micro-batch (evip/batch.py) -> ModelOutput.
+
+        `return_logits=False` (with labels): the head runs only on the labelled positions and
+        `logits` is None; same loss and gradients, without the [B, T, vocab] tensor (training).
+        With `kv_cache` (generation, B=1) the tokens continue the cached ones and positions
+        default to follow them."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got {list(input_ids.shape)}")
         b, t = input_ids.shape
@@ -151,12 +155,19 @@ class MonoInternVL(nn.Module):
             if b != 1:
                 raise ValueError(f"decoding with a KV cache takes one sample (B=1), got B={b}")
             ctx = cached_context(t, past, h.device)
-        logits = self.head(self.decode(h, image_mask, position_ids, ctx, kv_cache))
+        h = self.decode(h, image_mask, position_ids, ctx, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(t)
         if labels is None:
-            return ModelOutput(logits=logits)
-        parts = packed_lm_loss(logits, labels, seq_ids, kind_ids)
+            return ModelOutput(logits=self.head(h))
+        if return_logits:
+            logits = self.head(h)
+            parts = packed_lm_loss(logits, labels, seq_ids, kind_ids)
+        else:
+            logits = None
+            sel, targets = labelled_positions(labels, seq_ids)
+            kinds = None if kind_ids is None else kind_ids.reshape(-1).index_select(0, sel)
+            parts = lm_loss(self.head(h.reshape(b * t, -1).index_select(0, sel)), targets, kinds)
         return ModelOutput(logits, parts.loss, parts.loss_sum, parts.num_tokens, parts.kind_loss_sum,
                            parts.kind_num_tokens)
 

@@ -25,7 +25,7 @@ IMPLS = ("auto", "sdpa", "flash")
 class AttentionContext:
     """How the current forward attends. `mask` for sdpa; `cu_seqlens`/`max_seqlen` for flash."""
     impl: str
-    mask: Optional[torch.Tensor] = None          # bool [B, 1, Tq, Tk], True = may attend
+    mask: Optional[torch.Tensor] = None          # bool [B, 1, Tq, Tk], True = may attend; None = plain causal
     cu_seqlens: Optional[torch.Tensor] = None    # int32 [num_segments + 1]
     max_seqlen: int = 0
 
@@ -64,6 +64,8 @@ def packed_context(seq_ids: torch.Tensor, impl: str) -> AttentionContext:
         cu = torch.cat([idx, idx.new_tensor([b * t])]).to(torch.int32)
         return AttentionContext(impl="flash", cu_seqlens=cu,
                                 max_seqlen=int((cu[1:] - cu[:-1]).max().item()))
+    if bool((seq_ids == 0).all()):               # one whole sample per row: the causal kernel, no mask
+        return AttentionContext(impl="sdpa")
     t = seq_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
     same = seq_ids.unsqueeze(2) == seq_ids.unsqueeze(1)           # [B, T, T]
@@ -87,7 +89,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
             cu_seqlens_q=ctx.cu_seqlens, cu_seqlens_k=ctx.cu_seqlens,
             max_seqlen_q=ctx.max_seqlen, max_seqlen_k=ctx.max_seqlen, causal=True)
         return out.reshape(b, tq, hq * d)
+    if hq != k.shape[2]:
+        # Expand the KV heads rather than `enable_gqa`: with a mask, CUDA's memory-efficient
+        # kernel takes expanded heads, while enable_gqa would fall back to the O(T^2) math kernel.
+        k = k.repeat_interleave(hq // k.shape[2], dim=2)
+        v = v.repeat_interleave(hq // v.shape[2], dim=2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=ctx.mask,
-        enable_gqa=hq != k.shape[2])
+        is_causal=ctx.mask is None)
     return out.transpose(1, 2).reshape(b, tq, hq * d)
