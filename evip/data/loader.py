@@ -180,21 +180,24 @@ class EvipLoader(StatefulDataLoader):
 
     def __init__(self, dataset: PackedStream, **kw):
         super().__init__(dataset, batch_size=None, **kw)
-        self._slot_info: dict[int, dict] = {}
+        # per slot of this rank, as of the last batch handed out: stream state (global terms,
+        # for elastic resume) and counters; a slot that has not yielded yet keeps its start state
+        self._slot_states: dict[int, dict] = {}
+        self._slot_stats: dict[int, dict] = {}
 
     def __iter__(self):
         for batch in super().__iter__():
             info = batch.pop(_STATS_KEY)
-            self._slot_info[info["slot"]] = info
+            self._slot_states[info["slot"]] = info["state"]
+            self._slot_stats[info["slot"]] = info["stats"]
             yield batch
 
     def stats(self) -> dict:
-        return merge_stats([i["stats"] for i in self._slot_info.values()] or
-                           [Accounting([], 0, 0).stats()])
+        return merge_stats(list(self._slot_stats.values()) or [Accounting([], 0, 0).stats()])
 
     def state_dict(self) -> dict:
         ds: PackedStream = self.dataset
-        slots = {s: i["state"] for s, i in self._slot_info.items()}
+        slots = dict(self._slot_states)
         return {"rank": ds.rank, "world_size": ds.world_size, "num_workers": ds.cfg.num_workers,
                 "num_slots": ds.num_slots, "slots": slots, "loader": super().state_dict()}
 
@@ -206,7 +209,8 @@ class EvipLoader(StatefulDataLoader):
         if (state[0]["num_slots"] == ds.num_slots and state[0]["num_workers"] == ds.cfg.num_workers
                 and state[0]["world_size"] == ds.world_size and mine):
             super().load_state_dict(mine[0]["loader"])
-            self._slot_info = {}
+            self._slot_states = {int(k): v for k, v in mine[0]["slots"].items()}
+            self._slot_stats = {k: _stats_of(v["counts"]) for k, v in self._slot_states.items()}
             return
         old = {}
         for s in state:
@@ -223,9 +227,15 @@ class EvipLoader(StatefulDataLoader):
             st = {"stream": elastic_state(streams, slot, ds.num_slots),
                   "counts": merge_counts(counts) if slot == 0 else Accounting([], 0, 0).state_dict()}
             ds.elastic_states[slot] = st
+        self._slot_states = dict(ds.elastic_states)
+        self._slot_stats = {k: _stats_of(v["counts"]) for k, v in self._slot_states.items()}
         log.info("data loader: elastic resume from %d ranks x %d workers to %d x %d; every position consumed "
                  "before is skipped, positions held in the packers are re-read", state[0]["world_size"],
                  state[0]["num_workers"], ds.world_size, ds.cfg.num_workers)
+
+
+def _stats_of(counts: dict) -> dict:
+    return {k: counts[k] for k in ("samples", "bad", "packed_tokens", "budget_tokens", "batches")}
 
 
 def _fresh_states(recipe: RecipeConfig, num_slots: int) -> list[dict]:
