@@ -1,6 +1,8 @@
 """The special tokens a Mono-InternVL tokenizer carries, and how to add them."""
 from __future__ import annotations
 
+import inspect
+
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -19,8 +21,12 @@ def add_image_tokens(tokenizer) -> list[int]:
     """
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                     replace_additional_special_tokens=False)
+        # special: never split by the BPE, skipped by decode(skip_special_tokens=True). The keyword that
+        # keeps earlier extra special tokens was renamed in transformers 5.
+        keep = ("replace_extra_special_tokens"
+                if "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
+                else "replace_additional_special_tokens")
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, **{keep: False})
     return tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
 
 
