@@ -31,7 +31,7 @@ import torch.distributed as dist
 LATEST = "latest"
 META = "meta.json"
 DS_TAG = "ds"
-SLEEP_HOOK = "EVIP_TEST_CHECKPOINT_SLEEP"   # tests: seconds to sleep mid-write (before publishing)
+SLEEP_HOOK = "EVIP_TEST_CHECKPOINT_SLEEP"   # tests: "STEP:SECONDS": sleep mid-write of that step's checkpoint
 
 
 @dataclass
@@ -118,7 +118,8 @@ def save(engine, ckpt_root: Path, counters: Counters, loader, rank: int, world_s
     torch.save({"loader": loader.state_dict(), "rng": rng_state()}, tmp / f"rank{rank}.pt")
     _barrier()
     if rank == 0:
-        sleep = float(os.environ.get(SLEEP_HOOK, "0") or 0)
+        hook = os.environ.get(SLEEP_HOOK, "")
+        sleep = float(hook.split(":")[1]) if hook and int(hook.split(":")[0]) == counters.step else 0.0
         if sleep:
             print(f"[test hook] {SLEEP_HOOK}: sleeping {sleep}s inside a checkpoint write", flush=True)
             time.sleep(sleep)

@@ -32,12 +32,10 @@ def text_batches(tokenizer, model_cfg, corpus: str, seq_len: int, n: int, rank: 
     """n batches [1, seq_len] of consecutive corpus tokens for this rank (kind 'text')."""
     ids = tokenizer(corpus_text(corpus), add_special_tokens=False)["input_ids"]
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)][: n * world_size]
-    s = model_cfg.image_size
     for chunk in chunks[rank::world_size]:
         x = torch.tensor([chunk])
         yield {"input_ids": x, "labels": x.clone(), "position_ids": torch.arange(seq_len)[None],
-               "seq_ids": torch.zeros_like(x), "kind_ids": torch.full_like(x, KIND_ID["text"]),
-               "pixel_values": torch.zeros(0, 3, s, s)}
+               "seq_ids": torch.zeros_like(x), "kind_ids": torch.full_like(x, KIND_ID["text"])}   # no images
 
 
 @torch.no_grad()

@@ -147,9 +147,15 @@ def prepare_base(lp: LoadedPipeline, run_dir: Path, rank: int):
         b = lp.cfg.base
         if b.source == "random":
             from evip.model.mono import MonoInternVL
-            torch.manual_seed(b.seed)
-            model = MonoInternVL(model_config(lp.cfg, str(lp.path)))
+            mcfg = model_config(lp.cfg, str(lp.path))
             tok = None
+            if b.tokenizer:   # the vocabulary and special token ids follow the tokenizer
+                from evip.model.tokens import IMG_CONTEXT, load_tokenizer as load
+                tok = load(b.tokenizer)
+                mcfg = dataclasses.replace(mcfg, vocab_size=len(tok), img_context_token_id=tok.convert_tokens_to_ids(
+                    IMG_CONTEXT), pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+            torch.manual_seed(b.seed)
+            model = MonoInternVL(mcfg)
         else:
             from evip.model.weights import load_pretrained_llm
             if not Path(b.source).exists():

@@ -66,3 +66,46 @@ def train_losses(run_dir: Path) -> list[tuple[str, int, float]]:
         if r["kind"] == "train":
             out[(r["stage"], r["step"])] = r["loss"]
     return [(s, i, v) for (s, i), v in sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+
+
+# ---- end-to-end: the real loader on tiny generated shards, the real SmolLM2 tokenizer -------------
+
+def prepared_tokenizer(base_temp: Path) -> Path:
+    """SmolLM2's real tokenizer with the image tokens, saved once per session as an HF directory."""
+    out = Path(base_temp) / "smollm2_tokenizer"
+    if not (out / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        from evip.assets import smollm2_gguf
+        from evip.model.tokens import SPECIAL_TOKENS
+        g = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+        tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+        tok.save_pretrained(str(out))
+    return out
+
+
+def write_e2e_pipeline(root: Path, tokenizer: Path, stages=("s1_1_concept", "s1_2_semantic"), steps: int = 4,
+                       overrides: list[str] = ()) -> Path:
+    """Caption shards + a recipe + a pipeline of tiny `stages` (ZeRO-2 fp32, real loader, 0 workers)."""
+    from data_stream_helpers import make_shards, write_recipe
+    root.mkdir(parents=True, exist_ok=True)
+    make_shards(root / "shards", "cap", 4, 16)
+    recipe = write_recipe(root / "captions.yaml", [{"name": "cap", "kind": "caption", "format": "webdataset",
+                                                    "paths": [str(root / "shards" / "cap-*.tar")]}])
+    tiny = [f"steps={steps}", "tokens=0", "zero_stage=2", "precision=fp32", "optim.lr=1e-2",
+            "schedule.warmup_ratio=0.0", f"data.recipe={recipe}", "data.token_budget=64", "data.rows=1",
+            "data.sample.max_length=64", "data.sample.image.max_tiles=1", "data.sample.image.use_thumbnail=false",
+            "data.num_workers=0", "checkpoint.every_steps=2", "checkpoint.every_minutes=0", "checkpoint.keep_last=2",
+            "eval.every_steps=0", "eval.text_corpus=pydoc", "eval.text_batches=1", "eval.text_seq_len=32",
+            *overrides]
+    model = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=512, image_size=56, patch_size=14,
+                 vision_hidden_size=32)
+    import yaml
+    cfg = {"name": "e2e", "base": {"source": "random", "tokenizer": str(tokenizer), "seed": 0}, "model": model,
+           "seed": 0, "wandb": {"enabled": False},
+           "stages": [{"name": s, "file": str(ROOT / "stages" / f"{s}.yaml"), "overrides": tiny} for s in stages]}
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
