@@ -101,3 +101,27 @@ def test_hf_parquet_and_arrow(tmp_path):
         assert len(src.shards) == 3
         rec = src.open(1).get(1)
         assert rec.text == "cap 3" and rec.images == [png_bytes(3)], path
+
+
+def test_hf_streaming_shards_read_forward_in_the_stream(tmp_path):
+    import datasets
+
+    from evip.data.stream import SlotStream
+    for f in range(3):
+        ds = datasets.Dataset.from_dict({"image": [{"bytes": png_bytes(i), "path": None} for i in range(4)],
+                                         "text": [f"cap {f}-{i}" for i in range(4)]},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "text": datasets.Value("string")}))
+        ds.to_parquet(str(tmp_path / f"part-{f}.parquet"))
+    src = build_source(SourceConfig(name="s", format="hf", streaming=True, paths=[str(tmp_path / "*.parquet")]))
+    assert len(src.shards) == 3
+    got = []
+    for slot in range(2):                     # 3 shards over 2 slots, one epoch each
+        st = SlotStream([src], [1.0], seed=0, slot=slot, num_slots=2)
+        while True:
+            _, rec = st.next()
+            if st.cursors[0].epoch:
+                break
+            got.append(rec.text)
+            assert rec.images[0] == png_bytes(int(rec.text[-1]))
+    assert sorted(got) == sorted(f"cap {f}-{i}" for f in range(3) for i in range(4))

@@ -30,6 +30,10 @@ def corrupt_members(k: str):
         return [("png", png_header_claiming(30000, 30000)), cap]              # decompression bomb
     if i == 3:
         return [("png", png_bytes(3))]                                        # no caption
+    if i == 5:                                                                # a real photo
+        from matplotlib import cbook
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            return [("jpg", f.read()), cap]
     return [("png", png_bytes(i)), cap]
 
 
@@ -51,7 +55,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
     keys = [k for _ in range(6) for k in batch_keys(next(it), tok)]
     del it
     assert {"c_00001", "c_00002", "c_00003"}.isdisjoint(keys)
-    assert {"c_00000", "c_00004", "t_00000"} <= set(keys)
+    assert {"c_00000", "c_00004", "c_00005", "t_00000"} <= set(keys)
     stats = loader.stats()
     bad = stats["bad"]["web"]
     assert {"decode", "bomb", "missing_field", "truncated"} <= set(bad), bad

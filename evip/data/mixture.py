@@ -32,7 +32,7 @@ class Mixture:
             self._block = (b, np.random.default_rng([self.seed, self.stream_id, b]).random(BLOCK))
         return float(self._block[1][n % BLOCK])
 
-    def peek(self, exclude: frozenset[int] = frozenset()) -> int:
+    def peek(self) -> int:
         """The source of the next draw, without consuming it."""
         if len(self.cdf) == 1:
             return 0

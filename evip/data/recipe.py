@@ -38,6 +38,9 @@ class SourceConfig:
     image_column: str = "image"           # hf
     text_column: str = "text"             # hf (caption/text kinds)
     conversations_column: str = "conversations"   # hf (chat kind)
+    streaming: bool = False               # hf: load_dataset(paths[0] or the files, streaming=True);
+                                          # its shards are read forward (no within-shard shuffle)
+    split: str = "train"                  # hf streaming
 
 
 @dataclass
@@ -95,6 +98,8 @@ def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
         if not src.paths:
             raise ConfigError(f"'{key}.paths' in {where}: no paths given for source {src.name!r}")
         for j, pattern in enumerate(src.paths):
+            if src.format == "hf" and src.streaming and j == 0 and not expand_paths([pattern]):
+                continue                      # a hub dataset name, resolved by `datasets`
             if not expand_paths([pattern]):
                 raise ConfigError(f"'{key}.paths.{j}' in {where}: no shards match {pattern!r} "
                                   f"(source {src.name!r}); check the path or fill in its root")

@@ -10,7 +10,8 @@ Every source exposes the same small interface, which is all the stream needs:
 Formats: webdataset tars (img2dataset layout, or chat shards whose `json` holds `conversations`),
 InternVL/LLaVA jsonl (one virtual shard per `rows_per_shard` lines of a file), and HF datasets
 stored locally (parquet files read by row group, arrow files / `save_to_disk` directories
-memory-mapped by `datasets`; one virtual shard per `rows_per_shard` rows).
+memory-mapped by `datasets`; one virtual shard per `rows_per_shard` rows), or any dataset
+`datasets.load_dataset(..., streaming=True)` opens (`streaming: true`; one shard per file).
 """
 from __future__ import annotations
 
@@ -227,8 +228,63 @@ class HFSource(_RowRangeSource):
                             if k not in (c.image_column, c.text_column, c.conversations_column)})
 
 
+class HFStreamingSource:
+    """`datasets.load_dataset(..., streaming=True)`: one shard per dataset shard (file), read
+    forward; a position is reached by iterating past earlier rows with images left encoded (no
+    decoding), at most one shard's worth. HF's own shuffle buffer is not used (it is not saved):
+    the stream's seeded shard order and slot assignment give the order."""
+
+    def __init__(self, cfg: SourceConfig):
+        import datasets
+        files = expand_paths(cfg.paths)
+        if files and all(f.endswith(".parquet") for f in files):
+            ds = datasets.load_dataset("parquet", data_files=files, split=cfg.split, streaming=True)
+        elif files and all(f.endswith((".json", ".jsonl")) for f in files):
+            ds = datasets.load_dataset("json", data_files=files, split=cfg.split, streaming=True)
+        else:
+            ds = datasets.load_dataset(cfg.paths[0], split=cfg.split, streaming=True)
+        if ds.features and cfg.image_column in ds.features:
+            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        self.cfg, self.ds = cfg, ds
+        self.shards = [f"{cfg.paths[0]}#shard{i}of{ds.num_shards}" for i in range(ds.num_shards)]
+
+    def open(self, i: int) -> "StreamingReader":
+        return StreamingReader(self, i)
+
+
+class StreamingReader:
+    random_access = False
+    truncated = ""
+
+    def __init__(self, source: HFStreamingSource, i: int):
+        self.source, self.name = source, source.shards[i]
+        self._rows = iter(source.ds.shard(num_shards=source.ds.num_shards, index=i))
+        self._next = 0
+
+    def get(self, j: int) -> Record:
+        if j < self._next:
+            raise ValueError(f"{self.name}: streaming shards read forward only ({j} < {self._next})")
+        while self._next <= j:
+            row = next(self._rows, None)
+            if row is None:
+                raise IndexError(j)
+            self._next += 1
+        c = self.source.cfg
+        return Record(key=f"{self.name}:{j}", source=c.name, shard=self.name, kind=c.kind,
+                      images=_image_bytes(row.get(c.image_column)),
+                      text=row.get(c.text_column) if c.kind != "chat" else None,
+                      conversations=row.get(c.conversations_column) if c.kind == "chat" else None,
+                      meta={k: v for k, v in row.items()
+                            if k not in (c.image_column, c.text_column, c.conversations_column)})
+
+    def close(self) -> None:
+        self._rows = iter(())
+
+
 SOURCES = {"webdataset": TarSource, "jsonl": JsonlSource, "hf": HFSource}
 
 
 def build_source(cfg: SourceConfig):
+    if cfg.format == "hf" and cfg.streaming:
+        return HFStreamingSource(cfg)
     return SOURCES[cfg.format](cfg)
