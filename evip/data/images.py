@@ -76,17 +76,17 @@ def choose_grid(width: int, height: int, tile: int, min_num: int, max_num: int) 
     return best
 
 
-def tile_image(img: Image.Image, tile: int, min_num: int, max_num: int, use_thumbnail: bool,
-               grid: tuple[int, int] | None = None) -> list[Image.Image]:
-    """InternVL's `dynamic_preprocess` on an RGB image: resize to the grid, crop row-major,
-    thumbnail last. `grid` (columns, rows) may be given when chosen from the original size."""
-    cols, rows = grid or choose_grid(img.width, img.height, tile, min_num, max_num)
-    resized = img.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC)
-    tiles = [resized.crop(((k % cols) * tile, (k // cols) * tile,
-                           (k % cols + 1) * tile, (k // cols + 1) * tile)) for k in range(cols * rows)]
-    if use_thumbnail and len(tiles) != 1:
-        tiles.append(img.resize((tile, tile), Image.Resampling.BICUBIC))
-    return tiles
+def tile_image(img: Image.Image, tile: int, grid: tuple[int, int], use_thumbnail: bool) -> np.ndarray:
+    """InternVL's `dynamic_preprocess` on an RGB image, as uint8 [n, 3, tile, tile]: resize to
+    the grid (PIL bicubic), cut row-major, the thumbnail (the whole image resized) last when the
+    grid has more than one tile. Same pixels as InternVL's PIL crops, in one array copy."""
+    cols, rows = grid
+    resized = np.asarray(img.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC))
+    tiles = resized.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, tile, tile)
+    if use_thumbnail and rows * cols != 1:
+        thumb = np.asarray(img.resize((tile, tile), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        return np.concatenate([tiles, thumb[None]])
+    return np.ascontiguousarray(tiles)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -155,8 +155,10 @@ class ImageProcessor:
     def __init__(self, cfg: ImageConfig, tile_size: int):
         self.cfg = cfg
         self.tile = int(tile_size)
-        self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)        # (x / 255 - mean) / std == x * scale + bias
+        self._bias = -mean / std
 
     def header_size(self, data: bytes) -> tuple[int, int]:
         """(width, height) from the header only (bomb-guarded); for filters."""
@@ -172,8 +174,9 @@ class ImageProcessor:
         n = grid[0] * grid[1]
         return n + 1 if self.cfg.use_thumbnail and n > 1 else n
 
-    def pil_tiles(self, data: bytes, grid: tuple[int, int]) -> list[Image.Image]:
-        """Decode (bomb-guarded, drafted when far too large) and tile on `grid` (columns, rows)."""
+    def uint8_tiles(self, data: bytes, grid: tuple[int, int]) -> np.ndarray:
+        """Decode (bomb-guarded, drafted when far too large) and tile on `grid` (columns, rows):
+        uint8 [n_tiles(grid), 3, tile, tile]."""
         head = open_header(data, self.cfg.bomb_pixels)
         w, h = capped_size(*head.size, self.cfg.max_pixels)
         cols, rows = grid
@@ -184,17 +187,17 @@ class ImageProcessor:
         # The grid comes from the (capped) header size; pixels are resized straight from the
         # decoded (possibly drafted) image to the grid: one resample, never a full-size detour.
         img = decode(head, self.cfg, need)
-        return tile_image(img, self.tile, self.cfg.min_tiles, cols * rows, self.cfg.use_thumbnail,
-                          grid=(cols, rows))
+        return tile_image(img, self.tile, (cols, rows), self.cfg.use_thumbnail)
+
+    def normalise(self, tiles: np.ndarray) -> torch.Tensor:
+        """uint8 [n, 3, S, S] -> float (x / 255 - mean) / std, in two passes and one allocation."""
+        x = torch.from_numpy(tiles)
+        out = torch.mul(x, self._scale, out=torch.empty(x.shape, dtype=torch.float32))
+        return out.add_(self._bias)
 
     def render(self, data: bytes, grid: tuple[int, int]) -> torch.Tensor:
         """Tiles of `data` on a grid from `grid()`: FloatTensor [n_tiles(grid), 3, tile, tile]."""
-        return self.normalise(self.pil_tiles(data, grid))
-
-    def normalise(self, tiles: list[Image.Image]) -> torch.Tensor:
-        arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])          # [n, S, S, 3]
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
-        return (x - self._mean) / self._std
+        return self.normalise(self.uint8_tiles(data, grid))
 
     def __call__(self, data: bytes, max_tiles: int | None = None) -> torch.Tensor:
         """Header -> grid -> tiles: FloatTensor [n_tiles, 3, tile, tile]."""

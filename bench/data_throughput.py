@@ -1,0 +1,185 @@
+"""Data pipeline throughput per worker: the full per-sample pipeline vs. PIL decode alone.
+
+    .venv/bin/python bench/data_throughput.py [--rounds 5] [--max-tiles 6] [--tile 448]
+
+Photos: the real photos shipped offline (scikit-image `skimage.data` + matplotlib's
+grace_hopper.jpg), resized to about 1-2 MP (long side 1200-1800, various aspect ratios) and
+re-encoded as JPEG q90, like LAION/COYO web images after img2dataset. Both measurements run in
+this one process (one worker, torch on 1 thread), interleaved round by round over the same
+files; the figure is the median over rounds. Times are this process's CPU time
+(`time.process_time`), so other jobs sharing the machine do not skew the per-worker figures. Measured for max_tiles 6 (InternVL SFT: up to 6
+tiles + thumbnail, ~1.3 MP of bicubic output per photo) and 1 (one 448 tile: draft decoding).
+`ms_per_sample` breaks the pipeline down by stage.
+
+- decode: `Image.open(bytes).convert("RGB")` (full decode; the floor any pipeline pays).
+- pipeline: SampleBuilder (header + bomb guard, grid, draft decode, tile, normalise, tokenise
+  the caption with the real SmolLM2 tokenizer, label mask) + Packer.add (pack into batches).
+
+Last line: one JSON object. DATA-STREAM's restore-time ratio goes in `restore_ratio()`'s place
+in `main()` (see the comment there) so the one JSON carries both figures.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import statistics
+import time
+
+import torch
+from PIL import Image
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "stereo_motorcycle", "retina"]
+CAPTIONS = ["an astronaut in a white suit holding a helmet, with the US flag behind her",
+            "a cup of espresso on a red saucer on a wooden table", "a tabby cat looking at the camera",
+            "a rocket on the launch pad at dusk", "thousands of distant galaxies in a deep field image",
+            "a stained tissue sample under a microscope", "a red motorcycle parked in a garage",
+            "a photograph of the back of a human eye", "a portrait of Grace Hopper in navy uniform"]
+
+
+def real_photos(megapixels: tuple[float, ...] = (1.0, 1.5, 2.0)) -> list[bytes]:
+    """JPEG bytes of the offline photos at about 1-2 MP (aspect ratios kept)."""
+    import matplotlib.cbook
+    from skimage import data as skdata
+    arrays = []
+    for name in PHOTOS:
+        a = getattr(skdata, name)()
+        arrays.append(a[0] if isinstance(a, tuple) else a)
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
+        hopper = Image.open(fh).convert("RGB")
+    images = [Image.fromarray(a).convert("RGB") for a in arrays] + [hopper]
+    out = []
+    for i, img in enumerate(images):
+        mp = megapixels[i % len(megapixels)] * 1e6
+        s = (mp / (img.width * img.height)) ** 0.5
+        big = img.resize((round(img.width * s), round(img.height * s)), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        big.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_only(files: list[bytes]) -> float:
+    """Seconds to fully decode every file with PIL."""
+    t0 = time.process_time()
+    for data in files:
+        Image.open(io.BytesIO(data)).convert("RGB")
+    return time.process_time() - t0
+
+
+def make_pipeline(max_tiles: int, tile: int, token_budget: int):
+    """(builder, packer, records) for the full per-sample pipeline on the real tokenizer."""
+    from evip.assets import smollm2_gguf
+    from evip.data.images import ImageConfig
+    from evip.data.packing import Packer
+    from evip.data.sample import SampleBuilder, SampleConfig
+    from evip.model.config import ModelConfig
+    from evip.model.tokens import IMG_CONTEXT
+    tok = _tokenizer(smollm2_gguf())
+    model_cfg = ModelConfig(image_size=tile, vocab_size=len(tok),
+                            img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT), pad_token_id=0)
+    builder = SampleBuilder(SampleConfig(max_length=token_budget, image=ImageConfig(max_tiles=max_tiles)),
+                            tok, model_cfg)
+    packer = Packer(token_budget, max_images_per_pack=4 * (max_tiles + 1), pad_id=0)
+    return builder, packer
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer(path):
+    """evip.model.tokens.load_tokenizer; falls back to adding the tokens with transformers 5's
+    keyword while evip/model/tokens.py still uses transformers 4's (reported)."""
+    import inspect as pyinspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    from evip.model import tokens
+    if "replace_additional_special_tokens" in pyinspect.signature(PreTrainedTokenizerBase.add_special_tokens).parameters:
+        return tokens.load_tokenizer(path)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok.add_special_tokens({"additional_special_tokens": tokens.SPECIAL_TOKENS}, replace_extra_special_tokens=False)
+    return tok
+
+
+def pipeline(files: list[bytes], builder, packer) -> tuple[float, int, int]:
+    """Seconds for decode+tile+normalise+tokenise+pack of every file; (seconds, tiles, batches)."""
+    from evip.data.record import Record
+    t0 = time.process_time()
+    tiles = batches = 0
+    for i, data in enumerate(files):
+        rec = Record(key=str(i), source="bench", shard="mem", kind="caption", images=[data],
+                     text=CAPTIONS[i % len(CAPTIONS)])
+        sample = builder(rec)
+        tiles += sample.pixel_values.shape[0]
+        batches += len(packer.add(sample, position=i))
+    return time.process_time() - t0, tiles, batches
+
+
+def stage_breakdown(files: list[bytes], builder) -> dict:
+    """Milliseconds per sample of each stage, run on their own (header+grid, decode, resize+cut,
+    normalise, tokenise+labels) to show where the pipeline's time goes."""
+    from evip.data.images import capped_size, decode, open_header
+    from evip.data.record import Record
+    from evip.data.text import assemble, caption_segments
+    proc, ms = builder.images, {"decode": 0.0, "resize_and_cut": 0.0, "normalise": 0.0, "tokenise": 0.0}
+    for i, data in enumerate(files):
+        head = open_header(data, proc.cfg.bomb_pixels)
+        grid = proc.grid(*head.size)
+        w, h = capped_size(*head.size, proc.cfg.max_pixels)
+        need = (min(max(proc.tile * grid[0], proc.tile), w), min(max(proc.tile * grid[1], proc.tile), h))
+        t0 = time.process_time()
+        img = decode(head, proc.cfg, need)
+        t1 = time.process_time()
+        from evip.data.images import tile_image
+        tiles = tile_image(img, proc.tile, grid, proc.cfg.use_thumbnail)
+        t2 = time.process_time()
+        proc.normalise(tiles)
+        t3 = time.process_time()
+        assemble(builder.ids, caption_segments(builder.ids, CAPTIONS[i % len(CAPTIONS)], [tiles.shape[0]]), 8192)
+        t4 = time.process_time()
+        for k, dt in zip(ms, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            ms[k] += dt * 1000 / len(files)
+    return {k: round(v, 1) for k, v in ms.items()}
+
+
+def sample_pipeline_vs_decode(files: list[bytes], builder, packer, rounds: int) -> dict:
+    pipeline(files[:2], builder, packer)                    # warm-up (lazy imports, caches)
+    decode_only(files[:2])
+    dec, full, tiles = [], [], 0
+    for _ in range(rounds):                                 # interleaved: same files, same conditions
+        dec.append(len(files) / decode_only(files))
+        secs, tiles, _ = pipeline(files, builder, packer)
+        full.append(len(files) / secs)
+    return {"max_tiles": builder.cfg.image.max_tiles, "tiles_per_sample": round(tiles / len(files), 2),
+            "decode_samples_per_s": round(statistics.median(dec), 1),
+            "pipeline_samples_per_s": round(statistics.median(full), 1),
+            "pipeline_over_decode": round(statistics.median(f / d for f, d in zip(full, dec)), 3),
+            "packing_efficiency": round(packer.stats.efficiency, 3),
+            "ms_per_sample": stage_breakdown(files, builder)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tile", type=int, default=448)
+    ap.add_argument("--token-budget", type=int, default=8192)
+    ap.add_argument("--max-tiles", type=int, nargs="+", default=[6, 1],
+                    help="tile settings to measure (6: InternVL SFT; 1: one 448 tile, drafted decode)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    files = real_photos()
+    sizes = [Image.open(io.BytesIO(f)).size for f in files]
+    result = {"photos": len(files), "megapixels_mean": round(sum(w * h for w, h in sizes) / len(sizes) / 1e6, 2),
+              "tile": args.tile, "goal_pipeline_over_decode": 0.7, "per_worker": []}
+    for max_tiles in args.max_tiles:
+        builder, packer = make_pipeline(max_tiles, args.tile, args.token_budget)
+        result["per_worker"].append(sample_pipeline_vs_decode(files, builder, packer, args.rounds))
+    # DATA-STREAM: add result["restore"] = restore_ratio() here (time to restore a state taken at
+    # step 10 divided by one taken at step 10000), from its own function, so this one line carries both.
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
