@@ -107,3 +107,16 @@ def test_loss_without_full_logits_is_the_same():
     assert torch.equal(lean.kind_num_tokens, full.kind_num_tokens) and lean.num_tokens == full.num_tokens
     for name in g_full:
         torch.testing.assert_close(g_lean[name], g_full[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_text_only_batch_gives_every_parameter_a_gradient():
+    """An empty pixel tensor [0, 3, S, S] (a text-only micro-batch in an image stage) still gives the
+    patch embedding, projector and visual experts zero gradients: engines expect one per parameter."""
+    cfg = tiny_model_config(visual_attention_experts=True)
+    model = MonoInternVL(cfg).train()
+    ids = torch.randint(1, 100, (1, 8))
+    model(ids, labels=ids, pixel_values=torch.zeros(0, 3, 56, 56)).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    assert torch.count_nonzero(model.mlp1[1].weight.grad) == 0
+    assert torch.count_nonzero(model.layers[0].feed_forward_ve.w1.weight.grad) == 0

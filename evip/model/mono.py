@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -100,7 +101,7 @@ class MonoInternVL(nn.Module):
             raise ValueError(
                 f"input_ids hold {num_image_tokens} <IMG_CONTEXT> tokens (id {self.cfg.img_context_token_id}) "
                 f"but pixel_values has {num_tiles} tiles x {self.cfg.tokens_per_tile} tokens per tile = {expected}")
-        if num_tiles:
+        if pixel_values is not None:   # even with 0 tiles: the patch embedding then gets zero grads, not none
             images = self.embed_images(pixel_values).to(h.dtype)
             b, t, hidden = h.shape
             idx = image_mask.reshape(-1).nonzero().squeeze(1)
@@ -123,7 +124,7 @@ class MonoInternVL(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return h @ weight.t()
+        return F.linear(h, weight)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 seq_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,

@@ -72,6 +72,6 @@ def build_projector(cfg: ModelConfig) -> nn.Sequential:
 def shuffle_patches(patch_tokens: torch.Tensor, downsample_ratio: float) -> torch.Tensor:
     """[N, g*g, D] -> [N, (g*r)^2, D/r^2], InternVL's reshape -> pixel_shuffle -> reshape."""
     n, num, d = patch_tokens.shape
-    g = int(num ** 0.5)
+    g = int(round(num ** 0.5))
     x = pixel_shuffle(patch_tokens.reshape(n, g, g, d), scale_factor=downsample_ratio)
-    return x.reshape(n, -1, x.shape[-1])
+    return x.reshape(n, x.shape[1] * x.shape[2], x.shape[3])
