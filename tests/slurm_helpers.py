@@ -54,7 +54,7 @@ def clean_env(**extra) -> dict[str, str]:
            if not k.startswith(("SLURM_", "TORCHELASTIC_", "SBATCH_")) and k not in
            ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
             "MASTER_PORT", "EVIP_MASTER_ADDR")}
-    env.update(SLURM_CONF=os.environ["SLURM_CONF"], PYTHONUNBUFFERED="1", **extra)
+    env.update({"SLURM_CONF": os.environ["SLURM_CONF"], "PYTHONUNBUFFERED": "1", **extra})
     return env
 
 

@@ -1,0 +1,73 @@
+"""`evip run` of the tiny pipeline under launch/slurm.sbatch on the real local SLURM cluster, 2
+ranks: interrupted mid-stage, restarted by SLURM, finished with the losses of an uninterrupted
+run (the 2-rank reference of launch_pipeline_helpers, made by two torchrun agents)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launch_pipeline_helpers import TINY, checkpoint_world_sizes, reference_losses, train_losses
+from slurm_helpers import ROOT, cancel, clean_env, job_info, sbatch, slurm, wait_done, wait_for  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def _steps_done(run: Path, stage: str) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(x)["step"] for x in path.read_text().splitlines()
+             if '"train"' in x and f'"{stage}"' in x]
+    return max(steps, default=0)
+
+
+def test_preempted_mid_stage_by_high_priority_job_resumes_with_identical_losses(slurm, tmp_path,
+                                                                               tmp_path_factory):
+    reference, env, overrides, _, _ = reference_losses(tmp_path_factory)
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    job = sbatch(["-p", "low", "-N", "2", "-o", str(log), str(ROOT / "launch" / "slurm.sbatch"), TINY,
+                  str(run), *overrides], clean_env(**env))
+    try:
+        wait_for(lambda: _steps_done(run, "s1_2_semantic") >= 1, 400, "step 1 of s1_2_semantic", log)
+        sbatch(["-p", "high", "-N", "2", "--exclusive", "-o", str(tmp_path / "high.log"), "--wrap", "true"],
+               clean_env())
+        info = wait_done(job, 600, log)
+    finally:
+        cancel(job)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-5000:]
+    assert "got SIGUSR1: passing it to the tasks" in text
+    assert "evip exited 75 (preempted" in text and "requeueing job" in text
+    assert "restart 1] start: 2 node(s) x 1 process(es)" in text
+    assert train_losses(run) == reference
+    assert checkpoint_world_sizes(run) == {2}
+
+
+def test_sigkill_without_signal_handling_resumes_from_last_periodic_checkpoint(slurm, tmp_path,
+                                                                              tmp_path_factory):
+    """Task-per-GPU form (2 srun tasks on one node). SIGKILL after step 3 of s1_3_alignment:
+    the step-2 checkpoint is the newest complete one; `scontrol requeue` restarts the job, which
+    retrains steps 3-4 from it and ends with the reference losses."""
+    reference, env, overrides, _, _ = reference_losses(tmp_path_factory)
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    job = sbatch(["-N", "1", "--ntasks-per-node=2", "-o", str(log), str(ROOT / "launch" / "slurm.sbatch"),
+                  TINY, str(run), *overrides], clean_env(**env))
+    try:
+        wait_for(lambda: _steps_done(run, "s1_3_alignment") >= 3, 500, "step 3 of s1_3_alignment", log)
+        subprocess.run(["scancel", "--signal=KILL", job], check=True, timeout=30)
+        killed = wait_done(job, 120, log)
+        latest = (run / "stages" / "2_s1_3_alignment" / "ckpt" / "latest").read_text().strip()
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+        wait_for(lambda: job_info(job).get("Restarts") == "1", 60, "the requeue", log)
+        info = wait_done(job, 600, log)
+    finally:
+        cancel(job)
+    text = log.read_text()
+    assert killed["JobState"] in ("FAILED", "CANCELLED"), killed
+    assert latest in ("step_00000002",), latest      # periodic checkpoint every 2 steps
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-5000:]
+    assert "2 task(s) on 1 node(s), one per GPU" in text and "restart 1] start" in text
+    assert train_losses(run) == reference
