@@ -61,6 +61,16 @@ class DataConfig:
     # (sample.filters.*; a recipe source's `filters` override them for that source)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self):
+        for key in ("token_budget", "rows", "prefetch_factor"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"data.{key}={getattr(self, key)}: must be positive")
+        if self.num_workers < 0 or self.max_images_per_pack < 0 or self.min_samples_before_threshold < 0:
+            raise ValueError("data.num_workers, data.max_images_per_pack and data.min_samples_before_threshold "
+                             "must be >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}: must be in [0, 1]")
+
 
 class PackedStream(IterableDataset):
     """Packed batches of one rank; each DataLoader worker reads its own slot."""
@@ -101,7 +111,9 @@ class PackedIterator:
         self.stream = SlotStream(self.sources, [s.weight for s in ds.recipe.sources], cfg.seed,
                                  self.slot, ds.num_slots)
         self.acc = Accounting(self.names, cfg.max_bad_fraction, cfg.min_samples_before_threshold)
-        self.builders = [SampleBuilder(replace(cfg.sample, template=resolve_template(s),
+        # a sample must fit a packed row: truncate at min(sample.max_length, token_budget)
+        max_length = min(cfg.sample.max_length, cfg.token_budget)
+        self.builders = [SampleBuilder(replace(cfg.sample, max_length=max_length, template=resolve_template(s),
                                                filters=filter_config(s, cfg.sample.filters)),
                                        ds.tokenizer, ds.model_cfg) for s in ds.recipe.sources]
         self.packer = Packer(cfg.token_budget, cfg.max_images_per_pack, ds.model_cfg.pad_token_id, cfg.rows)
