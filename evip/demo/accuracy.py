@@ -2,18 +2,16 @@
 
 How a question is answered: by the likelihood of each option, not by free generation (a tiny
 model trained for minutes rarely produces the exact word, but it can already rank the options).
-The model reads the chat prompt
-
-    <|im_start|>user\\n<img><IMG_CONTEXT> x (tokens_per_tile * tiles)</img>\\n{question}<|im_end|>\\n
-    <|im_start|>assistant\\n
-
-and each option is scored by the SUM of the log-probabilities of its tokens followed by
-`<|im_end|>` (the whole answer, end included, so "1" cannot win by being a prefix of "12").
-The option with the highest score is the answer; ties go to the first option.
+Each option becomes the one-turn chat {human: "<image>\\n{question}", gpt: option} and goes
+through the training sample builder (evip/data/sample.py: the same chat template, image tiles and
+system prompt as S2), so the model is asked exactly as it was taught. An option's score is the
+SUM of the log-probabilities of its trained tokens: the answer and its `<|im_end|>` (so "1"
+cannot win by being a prefix of "12"). The best-scoring option is the answer; ties go to the
+first option.
 
 Baselines: `chance` is the expected accuracy of a uniform random pick (mean of 1 / options);
 `majority` is the accuracy of always answering each question kind's most frequent right answer
-(what a model that ignores the image can reach at best by learning the answer prior).
+(the best a model that ignores the image can do by learning the answer prior).
 """
 from __future__ import annotations
 
@@ -26,10 +24,9 @@ from typing import Callable, Sequence
 import torch
 
 from evip.batch import IGNORE_INDEX
-from evip.model.tokens import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 
-# A scorer maps (question record, its image tiles) to one score per option (higher = likelier).
-Scorer = Callable[[dict, torch.Tensor], Sequence[float]]
+# A scorer maps (question record, its encoded image) to one score per option (higher = likelier).
+Scorer = Callable[[dict, bytes], Sequence[float]]
 
 
 @dataclass
@@ -64,14 +61,13 @@ def _baselines(questions: Sequence[dict]) -> tuple[float, float]:
     return chance, majority
 
 
-def evaluate(questions: Sequence[dict], scorer: Scorer, image_tiles: Callable[[dict], torch.Tensor]
-             ) -> AccuracyResult:
+def evaluate(questions: Sequence[dict], scorer: Scorer) -> AccuracyResult:
     """Answer every question with `scorer` (argmax over options) and compare with the baselines."""
     if not questions:
         raise ValueError("no held-out questions to evaluate")
     hits: dict[str, list[bool]] = defaultdict(list)
     for q in questions:
-        scores = list(scorer(q, image_tiles(q)))
+        scores = list(scorer(q, Path(q["image_path"]).read_bytes()))
         if len(scores) != len(q["options"]):
             raise ValueError(f"scorer returned {len(scores)} scores for {len(q['options'])} options "
                              f"of question {q.get('id')}")
@@ -90,40 +86,38 @@ def evaluate(questions: Sequence[dict], scorer: Scorer, image_tiles: Callable[[d
 class ModelOptionScorer:
     """Scores options by their log-likelihood under a MonoInternVL model (see module docstring).
 
-    All options of a question go through one forward pass as rows of a padded batch.
+    `builder` is an evip.data.sample.SampleBuilder for the model's tokenizer and config. All
+    options of a question go through one forward pass, as rows of a padded batch.
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, builder):
         self.model = model
-        self.tok = tokenizer
-        self.tokens_per_tile = model.cfg.tokens_per_tile
+        self.builder = builder
         self.pad_id = model.cfg.pad_token_id
-        self.end_ids = self._ids(IM_END)
 
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
-
-    def prompt_ids(self, question: str, n_tiles: int) -> list[int]:
-        image = IMG_START + IMG_CONTEXT * (self.tokens_per_tile * n_tiles) + IMG_END
-        return self._ids(f"{IM_START}user\n{image}\n{question}{IM_END}\n{IM_START}assistant\n")
+    def samples(self, question: dict, image: bytes) -> list:
+        from evip.data.record import Record
+        human = {"from": "human", "value": f"<image>\n{question['question']}"}
+        return [self.builder(Record(key=f"{question.get('id', '?')}#{i}", source="heldout",
+                                    shard=str(question.get("image_path", "")), kind="chat", images=[image],
+                                    conversations=[human, {"from": "gpt", "value": option}]))
+                for i, option in enumerate(question["options"])]
 
     @torch.no_grad()
-    def __call__(self, question: dict, tiles: torch.Tensor) -> list[float]:
-        prompt = self.prompt_ids(question["question"], tiles.shape[0])
-        answers = [self._ids(opt) + self.end_ids for opt in question["options"]]
-        width = len(prompt) + max(len(a) for a in answers)
-        b = len(answers)
+    def __call__(self, question: dict, image: bytes) -> list[float]:
+        samples = self.samples(question, image)
+        width = max(len(s) for s in samples)
+        b = len(samples)
         input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
         seq_ids = torch.full((b, width), -1, dtype=torch.long)
-        for i, ans in enumerate(answers):
-            n = len(prompt) + len(ans)
-            input_ids[i, :n] = torch.tensor(prompt + ans)
-            labels[i, len(prompt):n] = torch.tensor(ans)
-            seq_ids[i, :n] = 0
+        for i, s in enumerate(samples):
+            input_ids[i, :len(s)] = s.input_ids
+            labels[i, :len(s)] = s.labels
+            seq_ids[i, :len(s)] = 0
         position_ids = torch.arange(width).expand(b, width).contiguous()
         dtype = next(self.model.parameters()).dtype
-        pixels = tiles.to(dtype).repeat(b, 1, 1, 1)
+        pixels = torch.cat([s.pixel_values for s in samples]).to(dtype)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -138,15 +132,7 @@ class ModelOptionScorer:
         return (picked * mask).sum(dim=1).tolist()
 
 
-def image_loader(image_processor) -> Callable[[dict], torch.Tensor]:
-    """Question -> its image tiles through the training image pipeline (evip/data/images.py)."""
-    def tiles(question: dict) -> torch.Tensor:
-        return image_processor(Path(question["image_path"]).read_bytes())
-    return tiles
-
-
-def heldout_accuracy(model, tokenizer, image_processor, questions_path: str | Path,
-                     limit: int | None = None) -> AccuracyResult:
+def heldout_accuracy(model, builder, questions_path: str | Path, limit: int | None = None) -> AccuracyResult:
     """The demo's final number: option-likelihood accuracy of `model` on the held-out questions."""
     questions = load_questions(questions_path)[:limit]
-    return evaluate(questions, ModelOptionScorer(model, tokenizer), image_loader(image_processor))
+    return evaluate(questions, ModelOptionScorer(model, builder))
