@@ -86,3 +86,16 @@ def test_truncated_shard_counted_once_where_it_breaks_and_stream_goes_on(tmp_pat
         assert [b.reason for b in bad] == ["truncated"] and "a-00001.tar" in str(bad[0])
         assert len(got) == 12 + len({r.key for r in got if "a-00001" in r.key})
         assert 0 < sum("a-00001" in r.key for r in got) < 6
+
+
+def test_unreadable_shard_is_one_bad_sample_and_the_stream_goes_on(tmp_path):
+    src, keys = _source(tmp_path, 3, 4)
+    (tmp_path / "a-00002.tar").unlink()       # gone after the recipe was validated
+    st = SlotStream([src], [1.0], seed=0, slot=0, num_slots=1)
+    got, bad = [], []
+    while st.cursors[0].epoch == 0:
+        _, rec = st.next()
+        if st.cursors[0].epoch == 0:
+            (bad if isinstance(rec, BadSample) else got).append(rec)
+    assert [b.reason for b in bad] == ["unreadable_shard"] and "a-00002.tar" in str(bad[0])
+    assert len(got) == 8

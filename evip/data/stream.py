@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tarfile
 
 import numpy as np
 
@@ -136,7 +137,14 @@ class SourceCursor:
                 self.unit += 1
                 continue
             shard = int(self._shard_order()[q])
-            reader, order = self._open(shard)
+            try:
+                reader, order = self._open(shard)
+            except (OSError, tarfile.TarError) as e:   # gone, unreadable, a pipe that fails
+                self.unit, self.offset = self.unit + 1, 0
+                self._epoch_positions += 1
+                if part == 0:
+                    return BadSample("unreadable_shard", f"{self.source.shards[shard]}: {e}")
+                continue
             j = part + self.offset * self.nparts
             if reader.random_access and j >= len(reader):
                 item = self._end_unit(reader, part)
