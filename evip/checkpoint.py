@@ -149,26 +149,56 @@ def read_meta(path: Path) -> dict:
 
 
 def load(engine, path: Path, loader, rank: int, world_size: int) -> Counters:
-    """Restore engine, this rank's loader and RNG state, and the counters from `path`."""
+    """Restore engine, loader and RNG state, and the counters from `path`.
+
+    Same world size: this rank's own loader and RNG state. Another world size (the engine was built
+    with `load_universal`, see `to_universal`): the loader gets the states of ALL old ranks and
+    derives its position from them (no sample repeated or lost); RNG of old rank `rank` if any."""
     meta = read_meta(path)
     saved_ws = int(meta["world_size"])
-    if saved_ws != world_size:
-        raise WorldSizeChanged(path, saved_ws, world_size)
-    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=True,
+    tag = DS_TAG if saved_ws == world_size else UNIVERSAL
+    load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed loaded nothing from {path}/{DS_TAG}: the checkpoint is damaged; "
+        raise RuntimeError(f"DeepSpeed loaded nothing from {path}/{tag}: the checkpoint is damaged; "
                            f"delete {path} and point {path.parent / LATEST} at the previous one")
-    state = torch.load(path / f"rank{rank}.pt", weights_only=False)
-    loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
+    if saved_ws == world_size:
+        state = torch.load(path / f"rank{rank}.pt", weights_only=False)
+        loader.load_state_dict(state["loader"])
+    else:
+        states = [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(saved_ws)]
+        loader.load_state_dict([s["loader"] for s in states])
+        state = states[rank] if rank < saved_ws else None
+    if state is not None:
+        set_rng_state(state["rng"])
     return Counters(**meta["counters"])
 
 
-class WorldSizeChanged(RuntimeError):
-    def __init__(self, path: Path, saved: int, now: int):
-        self.path, self.saved, self.now = path, saved, now
-        super().__init__(f"checkpoint {path} was written by {saved} ranks, this run has {now}")
+UNIVERSAL = "universal"
+
+
+def to_universal(path: Path, rank: int) -> Path:
+    """Convert `path/ds` to DeepSpeed's universal format in `path/universal` once (rank 0; others
+    wait): a checkpoint written by N ranks then loads under any world size, optimizer included."""
+    import subprocess
+    import sys
+
+    out = path / UNIVERSAL
+    if rank == 0 and not out.is_dir():
+        tmp = path / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / DS_TAG),
+               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"converting {path} to a universal checkpoint for a new world size failed:\n"
+                               f"{res.stderr[-2000:]}\nResume with the world size that wrote it "
+                               f"({read_meta(path)['world_size']} ranks) instead.")
+        os.replace(tmp, out)
+        _fsync_dir(path)
+    _barrier()
+    return out
 
 
 # ---- stage hand-off: consolidated fp32 weights ---------------------------------------------

@@ -91,12 +91,16 @@ class StageTrainer:
         model = ckpt.build_from_weights(c.model_cfg, c.input_weights)
         self.trained_groups = apply_trainable(model, self.stage, c.source)   # before the engine exists
         seed_everything(c.seed * 1000 + c.index)
-        self.engine = build_engine(model, self.stage, self.total_steps)
+        ckpt.clean_partial(self.ckpt_root, c.rank)
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        saved_ws = ckpt.read_meta(latest)["world_size"] if latest is not None else c.world_size
+        elastic = saved_ws != c.world_size
+        if elastic:   # a different world size: DeepSpeed's universal checkpoint + elastic data state
+            ckpt.to_universal(latest, c.rank)
+        self.engine = build_engine(model, self.stage, self.total_steps, load_universal=elastic)
         self.device = self.engine.device
         self.frozen_at_start = frozen_digest(self.engine.module)
         self.loader = c.make_loader()
-        ckpt.clean_partial(self.ckpt_root, c.rank)
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
             if self.stage.precision == "bf16":
                 ckpt.restore_fp32_masters(self.engine, c.input_weights)
@@ -105,7 +109,8 @@ class StageTrainer:
         else:
             self.counters = ckpt.load(self.engine, latest, self.loader, c.rank, c.world_size)
             if c.rank == 0:
-                print(f"[evip] stage {self.stage.name}: resumed from {latest} (step {self.counters.step})",
+                how = f" written by {saved_ws} ranks, now {c.world_size} (universal checkpoint)" if elastic else ""
+                print(f"[evip] stage {self.stage.name}: resumed from {latest}{how} (step {self.counters.step})",
                       flush=True)
         if c.on_engine:
             c.on_engine(self.engine)
