@@ -21,7 +21,6 @@ in `main()` (see the comment there) so the one JSON carries both figures.
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import statistics
@@ -69,38 +68,19 @@ def decode_only(files: list[bytes]) -> float:
     return time.process_time() - t0
 
 
-def make_pipeline(max_tiles: int, tile: int, token_budget: int):
-    """(builder, packer, records) for the full per-sample pipeline on the real tokenizer."""
-    from evip.assets import smollm2_gguf
+def make_pipeline(tok, max_tiles: int, tile: int, token_budget: int):
+    """(builder, packer) of the full per-sample pipeline, on the real tokenizer."""
     from evip.data.images import ImageConfig
     from evip.data.packing import Packer
     from evip.data.sample import SampleBuilder, SampleConfig
     from evip.model.config import ModelConfig
     from evip.model.tokens import IMG_CONTEXT
-    tok = _tokenizer(smollm2_gguf())
     model_cfg = ModelConfig(image_size=tile, vocab_size=len(tok),
                             img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT), pad_token_id=0)
     builder = SampleBuilder(SampleConfig(max_length=token_budget, image=ImageConfig(max_tiles=max_tiles)),
                             tok, model_cfg)
     packer = Packer(token_budget, max_images_per_pack=4 * (max_tiles + 1), pad_id=0)
     return builder, packer
-
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer(path):
-    """evip.model.tokens.load_tokenizer; falls back to adding the tokens with transformers 5's
-    keyword while evip/model/tokens.py still uses transformers 4's (reported)."""
-    import inspect as pyinspect
-
-    from transformers import PreTrainedTokenizerBase
-
-    from evip.model import tokens
-    if "replace_additional_special_tokens" in pyinspect.signature(PreTrainedTokenizerBase.add_special_tokens).parameters:
-        return tokens.load_tokenizer(path)
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    tok.add_special_tokens({"additional_special_tokens": tokens.SPECIAL_TOKENS}, replace_extra_special_tokens=False)
-    return tok
 
 
 def pipeline(files: list[bytes], builder, packer) -> tuple[float, int, int]:
@@ -120,8 +100,7 @@ def pipeline(files: list[bytes], builder, packer) -> tuple[float, int, int]:
 def stage_breakdown(files: list[bytes], builder) -> dict:
     """Milliseconds per sample of each stage, run on their own (header+grid, decode, resize+cut,
     normalise, tokenise+labels) to show where the pipeline's time goes."""
-    from evip.data.images import capped_size, decode, open_header
-    from evip.data.record import Record
+    from evip.data.images import capped_size, decode, open_header, tile_image
     from evip.data.text import assemble, caption_segments
     proc, ms = builder.images, {"decode": 0.0, "resize_and_cut": 0.0, "normalise": 0.0, "tokenise": 0.0}
     for i, data in enumerate(files):
@@ -132,7 +111,6 @@ def stage_breakdown(files: list[bytes], builder) -> dict:
         t0 = time.process_time()
         img = decode(head, proc.cfg, need)
         t1 = time.process_time()
-        from evip.data.images import tile_image
         tiles = tile_image(img, proc.tile, grid, proc.cfg.use_thumbnail)
         t2 = time.process_time()
         proc.normalise(tiles)
@@ -169,12 +147,15 @@ def main() -> None:
                     help="tile settings to measure (6: InternVL SFT; 1: one 448 tile, drafted decode)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    from evip.assets import smollm2_gguf
+    from evip.model.tokens import load_tokenizer
+    tok = load_tokenizer(smollm2_gguf())
     files = real_photos()
     sizes = [Image.open(io.BytesIO(f)).size for f in files]
     result = {"photos": len(files), "megapixels_mean": round(sum(w * h for w, h in sizes) / len(sizes) / 1e6, 2),
               "tile": args.tile, "goal_pipeline_over_decode": 0.7, "per_worker": []}
     for max_tiles in args.max_tiles:
-        builder, packer = make_pipeline(max_tiles, args.tile, args.token_budget)
+        builder, packer = make_pipeline(tok, max_tiles, args.tile, args.token_budget)
         result["per_worker"].append(sample_pipeline_vs_decode(files, builder, packer, args.rounds))
     # DATA-STREAM: add result["restore"] = restore_ratio() here (time to restore a state taken at
     # step 10 divided by one taken at step 10000), from its own function, so this one line carries both.

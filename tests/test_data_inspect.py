@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import io
-import re
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -12,14 +12,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from evip.config import load_config
+from evip.cli import main as evip_main
+
 from evip.data.build import BuildConfig, build_shards
 from evip.data.images import ImageConfig, ImageProcessor
-from evip.data.inspect import infer_grid, inspect_recipe
-from evip.data.loader import DataConfig
-from evip.model.tokens import IMG_CONTEXT
-from tests.conftest import tiny_model_config
-from tests.test_data_text import real_tokenizer
+from evip.data.inspect import infer_grid
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field"]
 
@@ -79,25 +76,27 @@ sources:
     return recipe
 
 
-def test_inspect_reports_and_draws(recipe, smollm2_path, tmp_path):
-    tok = real_tokenizer(smollm2_path)
-    model_cfg = tiny_model_config(vocab_size=len(tok), img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
-    data_cfg = load_config(DataConfig, None, [f"recipe={recipe}", "num_workers=0", "token_budget=256", "rows=2",
-                                              "max_images_per_pack=32", "sample.image.max_tiles=6",
-                                              "min_samples_before_threshold=1000"])
-    lines: list[str] = []
+def test_inspect_cli_reports_and_draws(recipe, tmp_path, capsys):
     sheet = tmp_path / "sheet.png"
-    rep = inspect_recipe(data_cfg, tok, model_cfg, batches=6, sheet=str(sheet), sheet_samples=8, log=lines.append)
-    out = "\n".join(lines)
-    assert rep["batches"] == 6 and len(rep["tokens"]) == len(rep["tiles"]) > 6
-    assert set(rep["samples"]) == {"captions", "chats"} and all(v > 0 for v in rep["samples"].values())
-    assert sum(rep["mixture"].values()) == pytest.approx(1.0)
-    assert {"decode", "bomb", "missing_field"} <= set(rep["bad"]["captions"])     # skipped and counted
-    assert "captions" in out and "tokens per sample:" in out and "tiles per sample:" in out
-    assert re.search(r"captions +\d+ +0\.\d+ +0\.750 +bomb: \d+, decode: \d+, missing_field: \d+", out)
-    assert 0 < rep["packing_efficiency"] <= 1
-    img = Image.open(sheet)
-    assert img.size == (4 * 320, 2 * (320 + 150))
+    rc = evip_main(["data", "inspect", str(recipe), "num_workers=0", "token_budget=256", "rows=2",
+                    "max_images_per_pack=32", "sample.image.max_tiles=6", "--batches", "6",
+                    "--sheet", str(sheet), "--sheet-samples", "8", "--tile-size", "56"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert re.search(r"recipe inspect_test: 6 micro-batches of 2 x 256 tokens, \d+ samples, packing efficiency 0\.\d+", out)
+    rows = {m[0]: (int(m[1]), float(m[2]), float(m[3]), m[4])
+            for m in re.findall(r"^(captions|chats) +(\d+) +([\d.]+) +([\d.]+) +(.*)$", out, re.M)}
+    assert set(rows) == {"captions", "chats"} and all(r[0] > 0 for r in rows.values())
+    assert rows["captions"][1] + rows["chats"][1] == pytest.approx(1.0, abs=0.002)
+    assert (rows["captions"][2], rows["chats"][2]) == (0.75, 0.25)
+    # the noisy shard: garbage jpg, bomb header, missing caption are skipped and counted
+    assert re.fullmatch(r"bomb: \d+, decode: \d+, missing_field: \d+", rows["captions"][3])
+    assert rows["chats"][3] == "-"
+    assert "tokens per sample:" in out and "tiles per sample:" in out
+    # 4 tokens per 56 px tile: a caption sample is 4 * tiles + 3 image-block tokens + caption
+    tiles = [int(m) for m in re.findall(r"^ +(\d+)-\1 +\|", out.split("tiles per sample:")[1], re.M)]
+    assert tiles and max(tiles) <= 7
+    assert Image.open(sheet).size == (4 * 320, 2 * (320 + 150))
 
 
 def test_infer_grid_recovers_the_tiling():

@@ -17,20 +17,8 @@ from tests.conftest import tiny_model_config
 
 
 def real_tokenizer(path):
-    """evip.model.tokens.load_tokenizer, or, while evip/model/tokens.py still passes transformers 4's
-    `replace_additional_special_tokens` (renamed `replace_extra_special_tokens` in transformers 5;
-    reported to its owner), the same tokenizer with the same tokens added."""
-    import inspect
-
-    from transformers import PreTrainedTokenizerBase
-    if "replace_additional_special_tokens" in inspect.signature(PreTrainedTokenizerBase.add_special_tokens).parameters:
-        return load_tokenizer(path)
-    from transformers import AutoTokenizer
-
-    from evip.model.tokens import SPECIAL_TOKENS
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS}, replace_extra_special_tokens=False)
-    return tok
+    """The real SmolLM2 tokenizer with the image tokens added (slow: ~10 s, load once per module)."""
+    return load_tokenizer(path)
 
 
 @pytest.fixture(scope="module")
