@@ -181,7 +181,8 @@ def _image_bytes(value) -> list[bytes]:
 
 
 class HFSource(_RowRangeSource):
-    """Local HF data: parquet files (pyarrow, one row group cached), arrow files or a
+    """Local HF data: parquet files (pyarrow; the row groups of the open virtual shard are kept,
+    so `rows_per_shard` bounds memory and the in-shard permutation reads each group once), arrow files or a
     `save_to_disk` directory (memory-mapped `datasets.Dataset`, images left encoded)."""
 
     def __init__(self, cfg: SourceConfig):
@@ -206,16 +207,20 @@ class HFSource(_RowRangeSource):
                 self._tables.append(("arrow", ds, None))
                 counts.append(len(ds))
         super().__init__(cfg, files, counts)
-        self._cached_group: tuple[int, int, list[dict]] | None = None
+        self._groups: dict[tuple[int, int], list[dict]] = {}   # row groups of the open shard
+
+    def open(self, i: int) -> RowRangeReader:
+        self._groups.clear()                  # memory: at most one virtual shard's row groups
+        return super().open(i)
 
     def _row(self, fi: int, row: int) -> dict:
         kind, table, starts = self._tables[fi]
         if kind == "arrow":
             return table[row]
         g = int(bisect_right(starts, row) - 1)
-        if self._cached_group is None or self._cached_group[:2] != (fi, g):
-            self._cached_group = (fi, g, table.read_row_group(g).to_pylist())
-        return self._cached_group[2][row - int(starts[g])]
+        if (fi, g) not in self._groups:
+            self._groups[(fi, g)] = table.read_row_group(g).to_pylist()
+        return self._groups[(fi, g)][row - int(starts[g])]
 
     def record(self, fi: int, row: int, shard: str) -> Record:
         r = self._row(fi, row)
