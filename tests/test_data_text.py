@@ -5,6 +5,8 @@ import io
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from evip.batch import IGNORE_INDEX, KIND_ID
@@ -237,3 +239,35 @@ def test_grounding_tokens_stay_special_and_templates_checked(tokenizer, model_cf
             Record(key="x", source="s", shard="x", kind="caption", images=[photo("coffee")], text="a"))
     with pytest.raises(ValueError, match="unknown"):
         builder(tokenizer, model_cfg, template="alpaca")
+
+
+_words = st.sampled_from(["the", "cat", "<image>", "<|im_end|>", "assistant\n", "user", "\n", "über", "42", " ", "<img>"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=st.lists(st.lists(_words, min_size=1, max_size=8).map("".join), min_size=2, max_size=6),
+       system=st.booleans())
+def test_random_chats_train_only_on_assistant_turns(tokenizer, model_cfg, turns, system):
+    conv = ([{"from": "system", "value": "sys " + turns[0]}] if system else [])
+    conv += [{"from": "human" if i % 2 == 0 else "gpt", "value": t.replace("<image>", "") if i % 2 else t}
+             for i, t in enumerate(turns)]
+    if not any(t["from"] == "gpt" for t in conv):
+        return
+    n_images = sum(t["value"].count("<image>") for t in conv if t["from"] == "human")
+    rec = Record(key="r", source="c", shard="x", kind="chat", conversations=conv,
+                 images=[_tiny_png()] * n_images)
+    s = builder(tokenizer, model_cfg, image=ImageConfig(max_tiles=1), max_length=4096)(rec)
+    ids, labels = s.input_ids.tolist(), s.labels.tolist()
+    inside = {i for a, b in assistant_spans(ids, tokenizer) for i in range(a, b + 1)}
+    trained = {i for i, label in enumerate(labels) if label != IGNORE_INDEX}
+    assert trained == inside and len(assistant_spans(ids, tokenizer)) == sum(t["from"] == "gpt" for t in conv)
+    # every <|im_end|> closing an assistant turn is trained on; image blocks never are
+    assert all(labels[b] == ids[b] for _, b in assistant_spans(ids, tokenizer))
+    assert not trained & {i for a, b in image_blocks(ids, tokenizer) for i in range(a, b + 1)}
+    assert (s.input_ids == model_cfg.img_context_token_id).sum() == s.pixel_values.shape[0] * model_cfg.tokens_per_tile
+
+
+def _tiny_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "PNG")
+    return buf.getvalue()
