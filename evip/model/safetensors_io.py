@@ -1,7 +1,8 @@
 """Streamed safetensors I/O: read one tensor at a time from a single or sharded checkpoint; write shards.
 
-Reading never holds more than the tensor asked for: each `get` opens the file holding the key,
-copies that tensor out and closes the file (so no mapped shard stays resident).
+Reading never holds more than the tensor asked for: each `get` reads that tensor's bytes from
+the file holding it into a tensor of its own (no memory map stays resident, and no tensor
+depends on the file afterwards).
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
@@ -34,8 +34,22 @@ class ShapeMismatchError(CheckpointError):
     pass
 
 
+def read_header(path: Path) -> tuple[int, dict]:
+    """(byte offset of the data, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 class SafetensorsCheckpoint:
-    """The tensors of a directory holding `model.safetensors` or a sharded `model.safetensors.index.json`."""
+    """The tensors of a directory holding `model.safetensors` or a sharded `model.safetensors.index.json`.
+
+    `get` reads one tensor with `readinto` straight into a fresh tensor: a single allocation per
+    tensor, no memory map (a mapped tensor would depend on the file staying unchanged, and would
+    be counted twice while being copied out).
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -45,8 +59,7 @@ class SafetensorsCheckpoint:
             self._files = {k: self.directory / f for k, f in weight_map.items()}
             self.described_by = index
         elif single.is_file():
-            with safe_open(str(single), framework="pt") as f:
-                self._files = {k: single for k in f.keys()}
+            self._files = {k: single for k in read_header(single)[1]}
             self.described_by = single
         else:
             raise CheckpointError(
@@ -55,6 +68,7 @@ class SafetensorsCheckpoint:
         for path in sorted(set(self._files.values())):
             if not path.is_file():
                 raise CheckpointError(f"shard {path} listed in {self.described_by} is missing")
+        self._headers: dict[Path, tuple[int, dict]] = {}
 
     def keys(self) -> list[str]:
         return list(self._files)
@@ -69,17 +83,30 @@ class SafetensorsCheckpoint:
                 f"({len(self._files)} tensors there)")
         return self._files[key]
 
-    def get(self, key: str) -> torch.Tensor:
+    def _entry(self, key: str) -> tuple[Path, int, dict]:
         path = self.file_of(key)
-        with safe_open(str(path), framework="pt") as f:
-            if key not in f.keys():
-                raise MissingTensorError(f"tensor '{key}' is listed in {self.described_by} but missing from {path}")
-            return f.get_tensor(key)
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        data_start, header = self._headers[path]
+        if key not in header:
+            raise MissingTensorError(f"tensor '{key}' is listed in {self.described_by} but missing from {path}")
+        return path, data_start, header[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        path, data_start, entry = self._entry(key)
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        if end > begin:
+            buffer = tensor.view(-1).view(torch.uint8).numpy()
+            with open(path, "rb") as fh:
+                fh.seek(data_start + begin)
+                if fh.readinto(buffer) != end - begin:
+                    raise CheckpointError(f"{path} is truncated: tensor '{key}' needs bytes {begin}..{end} of its data")
+        return tensor
 
     def dtype_of(self, key: str) -> torch.dtype:
         """The stored dtype of `key`, read from the file header only."""
-        with safe_open(str(self.file_of(key)), framework="pt") as f:
-            return _DTYPES[f.get_slice(key).get_dtype()]
+        return _DTYPES[self._entry(key)[2]["dtype"]]
 
     def where(self, key: str) -> str:
         return str(self._files.get(key, self.described_by))

@@ -5,9 +5,10 @@
     save_mono2b(model, "out/", tokenizer=tok)
 
 Loading builds the model on the meta device and materialises each parameter once, streaming
-tensors from safetensors one at a time: peak RSS ~= the model's bytes + 1.5 x its largest tensor
-(measured in tests/test_weights_memory.py: 1.08-1.26 x model bytes on 360-440 MB checkpoints; at
-2B scale, 6.2 GB bf16 with a 0.38 GB embedding, that is ~1.1 x). A GGUF file is first dequantised by
+tensors from safetensors one at a time: peak RSS ~= the model's bytes + at most 1.5 x its largest
+tensor (tests/test_weights_memory.py: 1.08 x model bytes for a 361 MB checkpoint in the released
+layout, 1.21 x when upcycling a 439 MB one; at 2B scale, 6.2 GB bf16 with a 0.38 GB embedding,
+~1.1 x). A GGUF file is first dequantised by
 transformers (fp32), whose tensors then become ours without a copy.
 """
 from __future__ import annotations
