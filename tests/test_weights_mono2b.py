@@ -118,3 +118,14 @@ def test_checkpoint_with_released_key_names_loads(tmp_path):
     with torch.no_grad():
         out = model.float()(ids, pixel_values=torch.randn(1, 3, cfg.image_size, cfg.image_size))
     assert torch.isfinite(out.logits).all()
+
+
+def test_loaded_model_owns_its_memory(tmp_path):
+    """Overwriting the checkpoint in place (export over the source) leaves a loaded model intact."""
+    first = random_model()
+    save_mono2b(first, tmp_path)
+    loaded, _ = load_mono2b(tmp_path)
+    torch.manual_seed(1)
+    save_mono2b(MonoInternVL(first.cfg), tmp_path)      # different weights, same files
+    for (name, a), b in zip(first.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
