@@ -4,9 +4,9 @@ Reads `batches` packed micro-batches through the training loader (evip/data/load
 `build_loader`, rank 0 of 1) and reports: samples per source and the realised mixture next to
 the recipe weights, bad samples per source and reason, packing efficiency, histograms of tokens
 and tiles per sample; and writes a PNG contact sheet of the first samples: their tiles laid out
-on their grid (grid lines drawn, thumbnail beside), kind, token and tile counts, and the text
-they train on. Everything is recovered from the batches themselves (seq_ids, image blocks,
-pixel_values in order), so the sheet shows exactly what the model would see.
+on their grid (grid lines drawn, thumbnail beside), kind, token and tile counts, and their text
+(captions: what is trained on; chats: the dialogue). Everything is recovered from the batches
+themselves (seq_ids, image blocks, pixel_values in order): the sheet shows what the model sees.
 """
 from __future__ import annotations
 
@@ -114,8 +114,9 @@ def contact_sheet(samples: list[SampleView], tokenizer, path: str, columns: int 
         for img in s.images:
             c, r, t = infer_grid(img)
             tiles_desc.append(f"{c}x{r}{'+th' if t else ''}")
-        trained = [int(t) for t in s.labels if t != IGNORE_INDEX]
-        text = tokenizer.decode(trained, skip_special_tokens=True).strip().replace("\n", " ")
+        # captions and documents: the text trained on; chats: the whole dialogue (roles included)
+        shown = s.input_ids.tolist() if s.kind == "chat" else [int(t) for t in s.labels if t != IGNORE_INDEX]
+        text = " ".join(tokenizer.decode(shown, skip_special_tokens=True).split())
         header = f"{s.kind} | {len(s.input_ids)} tok | tiles {' '.join(tiles_desc) or '-'}"
         lines = [header] + textwrap.wrap(text, width=cell // 7)[:8]
         draw.multiline_text((x0 + 4, y0 + cell + 2), "\n".join(lines), fill="black", spacing=2)
