@@ -208,6 +208,7 @@ def run_pipeline(lp: LoadedPipeline, run_dir, loader_factory: Optional[LoaderFac
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "pipeline.yaml").write_text(to_yaml(lp.cfg))
     model_cfg = prepare_base(lp, run_dir, rank)
+    check_pipeline(lp, model_cfg, check_data=loader_factory is None)
     tokenizer = load_tokenizer(run_dir, lp)
     factory = loader_factory or default_loader_factory
     metrics = Metrics(run_dir, rank, model_cfg, lp.cfg.wandb, lp.cfg.name) if metrics_enabled else None
@@ -240,3 +241,52 @@ def run_pipeline(lp: LoadedPipeline, run_dir, loader_factory: Optional[LoaderFac
         if metrics is not None:
             metrics.close()
     return results
+
+
+# ---- checks before any heavy work -----------------------------------------------------------
+
+def planned_model_config(lp: LoadedPipeline):
+    """The ModelConfig the pipeline will build, from config files only (no weights read).
+    For a pretrained LLM the vocabulary grows by the image/grounding tokens it lacks (<= 9)."""
+    from evip.model.tokens import SPECIAL_TOKENS
+    b, where = lp.cfg.base, str(lp.path)
+    if b.source == "random":
+        cfg = model_config(lp.cfg, where)
+        if b.tokenizer:
+            from evip.model.tokens import IMG_CONTEXT, load_tokenizer as load
+            tok = load(b.tokenizer)
+            cfg = dataclasses.replace(cfg, vocab_size=len(tok), img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
+        return cfg
+    from evip.model.hf_config import model_config_from_hf
+    path = Path(b.source)
+    if not path.exists():
+        raise ConfigError(f"'base.source' in {where}: {path} does not exist (an HF model directory, a .gguf file, "
+                          f"or 'random')")
+    if path.suffix == ".gguf":
+        from transformers import AutoConfig
+        hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    else:
+        from evip.model.hf_import import read_hf_config
+        hf = read_hf_config(path)
+    cfg = model_config_from_hf(hf, lp.cfg.model, where)
+    return dataclasses.replace(cfg, vocab_size=cfg.vocab_size + len(SPECIAL_TOKENS))
+
+
+def check_pipeline(lp: LoadedPipeline, model_cfg=None, check_data: bool = True) -> dict:
+    """Every stage's trainable groups against the real parameter names (model on the meta device)
+    and its data recipe; raises ConfigError naming the key and file. Returns {stage: trained groups}."""
+    from evip.data.recipe import load_recipe
+    from evip.model.meta_load import build_empty
+    from evip.stages import apply_trainable
+
+    model = build_empty(model_cfg or planned_model_config(lp))
+    out = {}
+    for i, (stage, source) in enumerate(lp.stages):
+        out[stage.name] = apply_trainable(model, stage, source)
+        if not check_data:
+            continue
+        if not Path(stage.data.recipe).is_file():
+            raise ConfigError(f"'data.recipe' in {source} (stage {stage.name}): recipe file {stage.data.recipe} "
+                              f"not found; set {stage.name}.data.recipe=PATH")
+        load_recipe(stage.data.recipe, stage.data.recipe_overrides)
+    return out

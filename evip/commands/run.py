@@ -11,7 +11,9 @@ import sys
 def register(sub) -> None:
     p = sub.add_parser("run", help="run (or continue) a pipeline of stages in a run directory")
     p.add_argument("pipeline", help="pipeline YAML (e.g. stages/pipeline_internlm2.yaml)")
-    p.add_argument("--run-dir", required=True, help="run directory; an existing one is continued")
+    # nargs="+": overrides may also follow the directory (`evip run P --run-dir D k=v`)
+    p.add_argument("--run-dir", required=True, nargs="+", metavar="DIR [KEY=VALUE ...]",
+                   help="run directory; an existing one is continued")
     p.add_argument("overrides", nargs="*", help="key=value: seed=1, base.source=..., <stage>.optim.lr=..., "
                                                 "stages_all.zero_stage=2")
     p.set_defaults(func=main)
@@ -22,9 +24,12 @@ def main(args) -> int:
     from evip.pipeline import load_pipeline, run_pipeline
     from evip.signals import Preempted, TooManyNonFinite
 
-    lp = load_pipeline(args.pipeline, args.overrides)   # config errors surface before any heavy work
+    from evip.pipeline import check_pipeline
+    run_dir, overrides = args.run_dir[0], [*args.overrides, *args.run_dir[1:]]
+    lp = load_pipeline(args.pipeline, overrides)   # config errors surface before any heavy work
+    check_pipeline(lp)
     try:
-        run_pipeline(lp, args.run_dir)
+        run_pipeline(lp, run_dir)
     except Preempted as e:
         print(f"evip run: preempted: {e}", file=sys.stderr, flush=True)
         return exit_codes.PREEMPTED
