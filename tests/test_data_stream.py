@@ -55,8 +55,15 @@ def test_same_seed_same_order_new_epoch_new_order(tmp_path):
     assert e0 != sorted(e0)                   # shuffled within and across shards
 
 
-def test_state_restores_to_the_same_next_records_without_replay(tmp_path):
-    src, _ = _source(tmp_path, 4, 25)
+@pytest.mark.parametrize("fmt", ["tar", "pipe", "jsonl"])
+def test_state_restores_to_the_same_next_records_without_replay(tmp_path, fmt):
+    src, keys = _source(tmp_path, 4, 25)
+    if fmt == "pipe":                         # forward-only shards: file order, skip by reading past
+        src = build_source(SourceConfig(name="a", paths=[f"pipe:cat {tmp_path}/a-{{00000..00003}}.tar"]))
+    elif fmt == "jsonl":                      # virtual shards of 25 lines
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps({"id": k, "text": k}) + "\n" for k in keys))
+        src = build_source(SourceConfig(name="a", kind="text", format="jsonl", rows_per_shard=25,
+                                        paths=[str(tmp_path / "d.jsonl")]))
     a = SlotStream([src], [1.0], seed=1, slot=1, num_slots=3)
     for _ in range(60):                       # past an epoch boundary (34 samples per slot)
         a.next()
