@@ -148,8 +148,18 @@ def _offsets(stages: list[StageMetrics]) -> list[int]:
     return out
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no data in metrics.jsonl", transform=ax.transAxes, ha="center", color="grey")
+
+
 def _stage_bounds(ax, stages, offsets) -> None:
+    lo, hi = ax.get_xlim()
     for s, off in zip(stages, offsets):
+        if not lo <= off <= hi:
+            continue
         if off:
             ax.axvline(off, color="grey", lw=0.8, ls=":")
         ax.text(off, 1.01, s.name, transform=ax.get_xaxis_transform(), va="bottom", fontsize=7,
@@ -169,7 +179,7 @@ def plot_loss(stages: list[StageMetrics], out: Path) -> None:
         ax.set_title(s.name, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax)
     axes[0][0].set_ylabel("training loss (nats/token)")
     fig.suptitle("Loss per stage and sample kind", fontsize=11)
     fig.tight_layout()
@@ -195,7 +205,7 @@ def plot_forgetting(stages: list[StageMetrics], base_loss: float | None, out: Pa
     ax.set_ylabel("text-only perplexity")
     ax.set_title("Forgetting monitor: text-only perplexity on a real corpus", fontsize=10, pad=14)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -217,7 +227,7 @@ def _plot_per_step(stages, key: str, ylabel: str, title: str, out: Path, scale: 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10, pad=14)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -90,3 +90,43 @@ def test_model_scorer_equals_plain_log_likelihood(questions):
         assert score == pytest.approx(expected, abs=1e-4)
     res = evaluate(questions[:10], scorer)
     assert res.n == 10 and 0 <= res.correct <= 10
+
+
+def test_run_accuracy_from_a_run_dir(questions, tmp_path):
+    """`evip report RUN --heldout Q` scores the last finished stage's weights with the run's tokenizer."""
+    import dataclasses
+    import json
+
+    from evip.checkpoint import DONE, WEIGHTS, write_weights
+    from evip.cli import main
+    from evip.config import to_yaml
+    from evip.stages import StageConfig
+
+    tok = word_tokenizer(questions)
+    torch.manual_seed(1)
+    cfg = tiny_model_config(vocab_size=len(tok), img_context_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    model = MonoInternVL(cfg)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    tok.save_pretrained(str(tmp_path / "base" / "tokenizer"))
+    from evip.data.loader import DataConfig
+    stage = StageConfig(name="s2_instruct", trainable=["all"], steps=1, data=DataConfig(
+        recipe="x.yaml", sample=SampleConfig(max_length=256, image=ImageConfig(max_tiles=1))))
+    sdir = tmp_path / "stages" / "3_s2_instruct"
+    sdir.mkdir(parents=True)
+    (sdir / "stage.yaml").write_text(to_yaml(stage))
+    write_weights({n: p.detach() for n, p in model.named_parameters()}, sdir / WEIGHTS)
+    (sdir / DONE).write_text("")
+    # a metrics line so that the report has something to plot
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(
+        {"kind": "train", "stage": "s2_instruct", "step": 1, "loss": 2.0, "loss_chat": 2.0, "tokens_total": 10,
+         "tokens_per_s": 5.0, "data_wait_frac": 0.1, "step_time": 2.0}) + "\n")
+    qfile = tmp_path / "q.json"
+    qfile.write_text(json.dumps([{k: v for k, v in q.items() if k != "image_path"} | {"image": q["image_path"]}
+                                 for q in questions[:6]]))
+    assert main(["report", str(tmp_path), "--heldout", str(qfile)]) == 0
+    acc = json.loads((tmp_path / "accuracy.json").read_text())
+    expected = evaluate(load_questions(qfile), ModelOptionScorer(model, SampleBuilder(
+        SampleConfig(max_length=256, image=ImageConfig(max_tiles=1)), tok, cfg)))
+    assert acc["n"] == 6 and acc["correct"] == expected.correct and acc["stage"] == "3_s2_instruct"
+    assert "Held-out accuracy" in (tmp_path / "report" / "summary.md").read_text()

@@ -15,6 +15,7 @@ Baselines: `chance` is the expected accuracy of a uniform random pick (mean of 1
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -86,14 +87,12 @@ def evaluate(questions: Sequence[dict], scorer: Scorer) -> AccuracyResult:
 class ModelOptionScorer:
     """Scores options by their log-likelihood under a MonoInternVL model (see module docstring).
 
-    `builder` is an evip.data.sample.SampleBuilder for the model's tokenizer and config. All
-    options of a question go through one forward pass, as rows of a padded batch.
+    `builder` is an evip.data.sample.SampleBuilder for the model's tokenizer and config.
     """
 
     def __init__(self, model, builder):
         self.model = model
         self.builder = builder
-        self.pad_id = model.cfg.pad_token_id
 
     def samples(self, question: dict, image: bytes) -> list:
         from evip.data.record import Record
@@ -105,34 +104,82 @@ class ModelOptionScorer:
 
     @torch.no_grad()
     def __call__(self, question: dict, image: bytes) -> list[float]:
+        """The prompt (everything before the first trained token, shared by all options) runs once
+        into a KV cache; each option then costs only its own few tokens (the cache is rewound)."""
         samples = self.samples(question, image)
-        width = max(len(s) for s in samples)
-        b = len(samples)
-        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
-        seq_ids = torch.full((b, width), -1, dtype=torch.long)
-        for i, s in enumerate(samples):
-            input_ids[i, :len(s)] = s.input_ids
-            labels[i, :len(s)] = s.labels
-            seq_ids[i, :len(s)] = 0
-        position_ids = torch.arange(width).expand(b, width).contiguous()
+        starts = [int((s.labels != IGNORE_INDEX).nonzero()[0]) for s in samples]
+        p = min(starts)
+        prompt = samples[0].input_ids[:p]
+        if any(not torch.equal(s.input_ids[:p], prompt) for s in samples):
+            raise ValueError(f"question {question.get('id')}: the options' prompts differ; the chat "
+                             "template must put the question before the answer")
+        ends = [int((s.labels != IGNORE_INDEX).nonzero()[-1]) + 1 for s in samples]
         dtype = next(self.model.parameters()).dtype
-        pixels = torch.cat([s.pixel_values for s in samples]).to(dtype)
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model(input_ids, position_ids=position_ids, seq_ids=seq_ids,
-                                pixel_values=pixels).logits.float()
+            cache = self.model.new_kv_cache(max(ends))
+            last = self.model(prompt[None], pixel_values=samples[0].pixel_values.to(dtype),
+                              kv_cache=cache).logits[0, -1:].float()
+            scores = []
+            for s, end in zip(samples, ends):
+                cache.length = p                                   # rewind to the shared prompt
+                rest = s.input_ids[p:end]
+                logits = torch.cat([last, self.model(rest[None], kv_cache=cache).logits[0, :-1].float()])
+                logp = torch.log_softmax(logits, dim=-1)
+                trained = s.labels[p:end] != IGNORE_INDEX
+                scores.append(float(logp.gather(-1, rest[:, None]).squeeze(-1)[trained].sum()))
         finally:
             self.model.train(was_training)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = labels[:, 1:]
-        mask = target != IGNORE_INDEX
-        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (picked * mask).sum(dim=1).tolist()
+        return scores
 
 
 def heldout_accuracy(model, builder, questions_path: str | Path, limit: int | None = None) -> AccuracyResult:
     """The demo's final number: option-likelihood accuracy of `model` on the held-out questions."""
     questions = load_questions(questions_path)[:limit]
     return evaluate(questions, ModelOptionScorer(model, builder))
+
+
+def final_stage_dir(run_dir: Path) -> Path:
+    """The last finished stage of a run (stages/<i>_<name>/ with DONE, highest i)."""
+    done = sorted((p for p in (Path(run_dir) / "stages").glob("*/DONE")),
+                  key=lambda p: int(p.parent.name.split("_", 1)[0]))
+    if not done:
+        raise FileNotFoundError(f"{run_dir}/stages has no finished stage (no DONE file): run "
+                                "`evip run` to the end of a stage first")
+    return done[-1].parent
+
+
+def run_accuracy(run_dir: str | Path, questions_path: str | Path, limit: int | None = None) -> AccuracyResult:
+    """Held-out accuracy of a run's latest finished stage; also written to RUN_DIR/accuracy.json.
+
+    The model is rebuilt from the stage's consolidated weights, the tokenizer is the run's
+    (base/tokenizer), and samples are built with that stage's `data.sample` settings (chat
+    template, system prompt, tiles) without its filters.
+    """
+    from transformers import AutoTokenizer
+
+    from evip.checkpoint import DONE, WEIGHTS, build_from_weights
+    from evip.config import load_config
+    from evip.data.filters import FilterConfig
+    from evip.data.sample import SampleBuilder
+    from evip.model.config import ModelConfig
+    from evip.stages import StageConfig
+
+    run_dir = Path(run_dir)
+    stage_dir = final_stage_dir(run_dir)
+    assert (stage_dir / DONE).is_file()
+    model_cfg = ModelConfig(**json.loads((run_dir / "base" / "model_config.json").read_text()))
+    tok_dir = run_dir / "base" / "tokenizer"
+    if not tok_dir.is_dir():
+        raise FileNotFoundError(f"{tok_dir} not found: held-out accuracy needs the run's tokenizer "
+                                "(a pipeline whose base is a pretrained LLM saves it there)")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    stage = load_config(StageConfig, stage_dir / "stage.yaml")
+    sample_cfg = dataclasses.replace(stage.data.sample, filters=FilterConfig())
+    model = build_from_weights(model_cfg, stage_dir / WEIGHTS)
+    result = heldout_accuracy(model, SampleBuilder(sample_cfg, tokenizer, model_cfg), questions_path, limit)
+    out = result.to_dict() | {"stage": stage_dir.name, "questions": str(questions_path),
+                              "method": "option log-likelihood (sum over answer tokens + <|im_end|>)"}
+    (run_dir / "accuracy.json").write_text(json.dumps(out, indent=1))
+    return result
