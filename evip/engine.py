@@ -68,6 +68,23 @@ def deepspeed_config(stage: StageConfig) -> dict:
     return cfg
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """torch AdamW that skips a step whose gradients are not all finite and says so in `overflow`,
+    the attribute DeepSpeed reads to count a skipped step (and not advance the LR schedule). Used
+    under ZeRO-0 fp32, where DeepSpeed hands the grads straight to the optimizer; ZeRO-1/2/3 and
+    bf16 wrap the optimizer in their own which skips non-finite steps the same way."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(x).all() for x in grads]).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 class OutputDict(dict):
     """ModelOutput as a dict (attribute access kept): ZeRO-3 walks dicts, tuples and lists of a
     module's outputs to hook the backward pass; a dataclass output hides its tensors from it, and
@@ -86,7 +103,8 @@ def build_engine(model: nn.Module, stage: StageConfig, total_steps: int, load_un
     """deepspeed.initialize with a torch AdamW and a LambdaLR; returns the engine."""
     import deepspeed
 
-    opt = torch.optim.AdamW(param_groups(model, stage.optim.weight_decay), lr=stage.optim.lr,
+    opt_cls = GuardedAdamW if stage.zero_stage == 0 and stage.precision == "fp32" else torch.optim.AdamW
+    opt = opt_cls(param_groups(model, stage.optim.weight_decay), lr=stage.optim.lr,
                             betas=tuple(stage.optim.betas), eps=stage.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage.schedule, total_steps))
     config = deepspeed_config(stage)

@@ -1,0 +1,45 @@
+"""The stage loop: non-finite steps are skipped and counted; K in a row -> checkpoint and stop."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evip.pipeline import load_pipeline, run_pipeline
+from evip.signals import TooManyNonFinite
+from evip.trainer import NAN_HOOK
+from trainer_helpers import TINY, generated_factory
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_nonfinite_steps_skipped_then_stop(tmp_path, monkeypatch, zero):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv(NAN_HOOK, "1,3,4")                      # 0-based steps whose loss is NaN
+    engines = []
+    lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", f"stages_all.zero_stage={zero}",
+                              "s1_1_concept.steps=8", "s1_1_concept.max_nonfinite=2"])
+    with pytest.raises(TooManyNonFinite, match="2 non-finite steps in a row"):
+        run_pipeline(lp, tmp_path, loader_factory=generated_factory, on_engine=engines.append)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in recs] == [False, True, False, True, True]
+    assert recs[-1]["skipped_total"] == 3
+    assert all(torch.isfinite(p).all() for p in engines[0].module.parameters())     # no NaN update applied
+    ckpt = tmp_path / "stages" / "0_s1_1_concept" / "ckpt"
+    meta = json.loads((ckpt / "step_00000005" / "meta.json").read_text())
+    assert meta["counters"]["nonfinite"] == 2 and (ckpt / "latest").read_text().strip() == "step_00000005"
+
+
+def test_skipped_step_leaves_weights_unchanged(tmp_path, monkeypatch):
+    """Step 1 is NaN: the weights after 2 steps equal the weights after 1 step."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = {}
+    for name, steps, nan in (("one", 1, ""), ("two", 2, "1")):
+        monkeypatch.setenv(NAN_HOOK, nan)
+        engines = []
+        lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", f"s1_1_concept.steps={steps}",
+                                  "s1_1_concept.schedule.kind=constant"])
+        lp.stages = lp.stages[:1]
+        run_pipeline(lp, tmp_path / name, loader_factory=generated_factory, on_engine=engines.append)
+        out[name] = {n: p.detach().clone() for n, p in engines[0].module.named_parameters()}
+    assert all(torch.equal(out["one"][n], out["two"][n]) for n in out["one"])
