@@ -106,3 +106,10 @@ def test_unreadable_shard_is_one_bad_sample_and_the_stream_goes_on(tmp_path):
             (bad if isinstance(rec, BadSample) else got).append(rec)
     assert [b.reason for b in bad] == ["unreadable_shard"] and "a-00002.tar" in str(bad[0])
     assert len(got) == 8
+
+
+def test_too_few_samples_for_the_slots_is_a_clear_error(tmp_path):
+    src, _ = _source(tmp_path, 1, 2)          # 2 samples, 4 slots: slots 2 and 3 would never get one
+    SlotStream([src], [1.0], seed=0, slot=1, num_slots=4).next()
+    with pytest.raises(RuntimeError, match="too few samples for this many ranks x workers"):
+        SlotStream([src], [1.0], seed=0, slot=3, num_slots=4).next()

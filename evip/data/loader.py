@@ -54,6 +54,7 @@ class DataConfig:
     max_images_per_pack: int = 16              # cap on image tiles per micro-batch (0: none)
     num_workers: int = 2
     prefetch_factor: int = 2
+    pin_memory: bool = False                   # page-locked batches for fast host-to-GPU copies
     seed: int = 0
     max_bad_fraction: float = 0.05
     min_samples_before_threshold: int = 1000
@@ -276,7 +277,7 @@ def build_loader(cfg: DataConfig, tokenizer, model_cfg, rank: int, world_size: i
         raise ValueError(f"rank {rank} out of range for world_size {world_size}")
     recipe = load_recipe(cfg.recipe, cfg.recipe_overrides)
     ds = PackedStream(cfg, recipe, tokenizer, model_cfg, rank, world_size)
-    kw = {"num_workers": cfg.num_workers}
+    kw = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory}
     if cfg.num_workers > 0:
         kw.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
     return EvipLoader(ds, **kw)
