@@ -9,7 +9,9 @@
 Resume. Same ranks and workers: `load_state_dict(this rank's state)` -> the very next batches.
 Different ranks or workers (elastic): `load_state_dict([state of rank 0, ..., rank R-1])`, the
 states of ALL old ranks; each new worker derives its own position from them (stream.py
-`elastic_state`): no consumed sample is repeated and none is lost; a log line says so.
+`elastic_state`): no consumed sample is repeated and none is lost, in-progress shards included; a
+log line says so. What does change: the mixture draws (proportions hold), and the dedup tables
+of the filters start empty (they belong to the old workers); counters are summed into slot 0.
 
 What a worker's state is: the stream position *before the oldest sample still held by the
 packer* plus the counters at that point. Held samples are not saved; on resume they are re-read
