@@ -38,6 +38,8 @@ sys.path.insert(0, tests_dir)
 from conftest import tiny_model_config
 from evip.model.meta_load import build_empty
 build_empty(tiny_model_config())   # one-time costs of a first model construction (~80 MB), not the load's
+if kind == "hf":                    # and of the first tokenizer load (lazy transformers modules)
+    transformers.AutoTokenizer.from_pretrained(path)
 before = rss()
 if kind == "mono2b":
     model, _ = load_mono2b(path)
