@@ -106,6 +106,14 @@ def test_build_from_jsonl_chats(tmp_path):
     assert not any(k.endswith(("jpg", "png", "webp")) for k in samples["text"])   # text-only chat
     gif = Image.open(io.BytesIO(samples["gif"]["png"]))                           # re-encoded to PNG
     assert gif.format == "PNG" and gif.size == (160, 120)
+    # our own shard reader gives the multi-image sample's images back in prompt order
+    from evip.data.recipe import SourceConfig
+    from evip.data.sources import TarSource
+    source = TarSource(SourceConfig(name="chats", kind="chat", paths=[str(p) for p in sorted(out.glob("*.tar"))]))
+    records = [source.open(i).get(j) for i in range(len(source.shards)) for j in range(len(source.open(i)))]
+    by_id = {r.meta["id"]: r for r in records}
+    assert by_id["two"].images == [(root / "a.jpg").read_bytes(), (root / "b.png").read_bytes()]
+    assert by_id["one"].images == [(root / "a.jpg").read_bytes()] and by_id["text"].images == []
 
 
 def test_build_from_parquet_via_cli(tmp_path, capsys):

@@ -29,6 +29,18 @@ from evip.data.shards import expand_paths, open_tar
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
+def images_in_order(members: dict[str, bytes]) -> list[bytes]:
+    """A sample's images: `{key}.jpg` (one image, img2dataset) or `{key}.0.jpg`, `{key}.1.png`, ...
+    (several, in prompt order, as `evip data build` writes them)."""
+    single = [members[e] for e in IMAGE_EXTS if e in members]
+    numbered = []
+    for ext, data in members.items():
+        index, _, fmt = ext.partition(".")
+        if index.isdigit() and fmt in IMAGE_EXTS:
+            numbered.append((int(index), data))
+    return single + [data for _, data in sorted(numbered, key=lambda item: item[0])]
+
+
 class TarSource:
     def __init__(self, cfg: SourceConfig):
         self.cfg = cfg
@@ -60,7 +72,7 @@ class TarReader:
                 meta = json.loads(m["json"])
             except ValueError as e:
                 raise BadSample("missing_field", f"{name}: json does not parse: {e}") from None
-        images = [m[e] for e in IMAGE_EXTS if e in m]
+        images = images_in_order(m)
         text = m["txt"].decode("utf-8", errors="replace") if "txt" in m else None
         conversations = meta.get("conversations") if isinstance(meta, dict) else None
         return Record(key=name, source=self.cfg.name, shard=self.path, kind=self.cfg.kind,
