@@ -35,6 +35,19 @@ def progress_marker(run_dir: Path) -> tuple[str, str]:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16], summary
 
 
+def unfinished_stages(run_dir: str | os.PathLike) -> list[str]:
+    """Stages of the run's pipeline (RUN_DIR/pipeline.yaml, written by `evip run`) without their
+    DONE marker (RUN_DIR/stages/<index>_<name>/DONE). A launcher uses it to tell a finished run from
+    tasks that ended with status 0 because they were killed (srun reports 0 for a cancelled step)."""
+    from omegaconf import OmegaConf
+    run_dir = Path(run_dir)
+    if not (run_dir / "pipeline.yaml").is_file():
+        return ["(no pipeline.yaml: evip run never started here)"]
+    stages = OmegaConf.load(run_dir / "pipeline.yaml").get("stages") or []
+    return [f"{i}_{s['name']}" for i, s in enumerate(stages)
+            if not (run_dir / "stages" / f"{i}_{s['name']}" / "DONE").is_file()]
+
+
 def _save(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -75,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--max-restarts", type=int, default=int(os.environ.get("EVIP_MAX_RESTARTS", 3)))
     parser.add_argument("--job", default=os.environ.get("SLURM_JOB_ID", ""))
+    parser.add_argument("--finished", action="store_true",
+                        help="only check that every stage of the run is DONE (exit 0) or not (exit 1)")
     args = parser.parse_args(argv)
+    if args.finished:
+        left = unfinished_stages(args.run_dir)
+        if left:
+            print(f"evip: run {args.run_dir} is not finished: {', '.join(left)}", file=sys.stderr, flush=True)
+        return 1 if left else 0
     ok, message = check(args.run_dir, args.max_restarts, args.job)
     print(message, file=sys.stderr if not ok else sys.stdout, flush=True)
     return 0 if ok else NO_PROGRESS

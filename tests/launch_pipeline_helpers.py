@@ -1,6 +1,6 @@
 """The tiny pipeline (stages/pipeline_tiny.yaml) as the launch tests run it through `evip run`:
 real demo shards (`evip demo-data`), a real word-level HF tokenizer written to disk, ZeRO-2 fp32,
-a periodic checkpoint every 2 steps. `reference_losses` is one uninterrupted 2-rank run made by
+a periodic checkpoint every 2 steps, 8 steps in s1_3_alignment (4 in the others). `reference_losses` is one uninterrupted 2-rank run made by
 two torchrun agents (--nnodes 2, c10d on loopback), shared by every test of the session."""
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def tiny_inputs(base: Path) -> tuple[dict[str, str], list[str]]:
     ids = json.loads((base / "ids.json").read_text())
     overrides = ["stages_all.data.recipe=data_recipes/local_tiny.yaml", f"base.tokenizer={tok}",
                  f"model.img_context_token_id={ids['img_context']}", "stages_all.checkpoint.every_steps=2",
-                 "stages_all.checkpoint.keep_last=2"]
+                 "stages_all.checkpoint.keep_last=2", "s1_3_alignment.steps=8"]
     return {"EVIP_DEMO_DATA": str(data), "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}, overrides
 
 

@@ -63,4 +63,6 @@ if not resumed and "wait" in opts:
         event(f"preempted-{signal.Signals(got[0]).name}")
         sys.exit(PREEMPTED)
 event("finished")
+if env.rank == 0:   # what `evip run` leaves behind; a pipeline without stages is finished at once
+    (run_dir / "pipeline.yaml").write_text("stages: []\n")
 dist.destroy_process_group()

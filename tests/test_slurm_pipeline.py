@@ -48,26 +48,38 @@ def test_preempted_mid_stage_by_high_priority_job_resumes_with_identical_losses(
 
 def test_sigkill_without_signal_handling_resumes_from_last_periodic_checkpoint(slurm, tmp_path,
                                                                               tmp_path_factory):
-    """Task-per-GPU form (2 srun tasks on one node). SIGKILL after step 3 of s1_3_alignment:
-    the step-2 checkpoint is the newest complete one; `scontrol requeue` restarts the job, which
-    retrains steps 3-4 from it and ends with the reference losses."""
+    """Task-per-GPU form (2 srun tasks on one node). SIGKILL to the tasks (`scancel
+    --signal=KILL JOB.0`, the step: no SIGTERM first, unlike a job cancel) after step 3 of the 8 of
+    s1_3_alignment; the batch script reports the killed tasks and fails the job (no requeue: it
+    was not a preemption); the newest complete checkpoint is a periodic one (every 2 steps);
+    `scontrol requeue` restarts the job, which retrains the steps after it and ends with the
+    reference losses."""
     reference, env, overrides, _, _ = reference_losses(tmp_path_factory)
     run, log = tmp_path / "run", tmp_path / "job.log"
     job = sbatch(["-N", "1", "--ntasks-per-node=2", "-o", str(log), str(ROOT / "launch" / "slurm.sbatch"),
                   TINY, str(run), *overrides], clean_env(**env))
     try:
         wait_for(lambda: _steps_done(run, "s1_3_alignment") >= 3, 500, "step 3 of s1_3_alignment", log)
-        subprocess.run(["scancel", "--signal=KILL", job], check=True, timeout=30)
+        subprocess.run(["scancel", "--signal=KILL", f"{job}.0"], check=True, timeout=30)
         killed = wait_done(job, 120, log)
-        latest = (run / "stages" / "2_s1_3_alignment" / "ckpt" / "latest").read_text().strip()
+        stage = run / "stages" / "2_s1_3_alignment"
+        latest = (stage / "ckpt" / "latest").read_text().strip()
+        done_at_kill = (stage / "DONE").exists()
+        records_at_kill = _steps_done(run, "s1_3_alignment")
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
         wait_for(lambda: job_info(job).get("Restarts") == "1", 60, "the requeue", log)
         info = wait_done(job, 600, log)
     finally:
         cancel(job)
     text = log.read_text()
-    assert killed["JobState"] in ("FAILED", "CANCELLED"), killed
-    assert latest in ("step_00000002",), latest      # periodic checkpoint every 2 steps
+    assert killed["JobState"] == "FAILED" and killed["ExitCode"] in ("137:0", "1:0"), killed
+    assert "not requeueing" in text
+    assert not done_at_kill and latest in ("step_00000002", "step_00000004", "step_00000006"), latest
+    retrained = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+                 if '"train"' in x and '"s1_3_alignment"' in x]
+    resumed_from = int(latest.split("_")[1])
+    assert retrained.count(resumed_from + 1) == 2       # the step after the checkpoint ran twice
+    assert retrained.count(resumed_from) == 1 and records_at_kill > resumed_from
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-5000:]
     assert "2 task(s) on 1 node(s), one per GPU" in text and "restart 1] start" in text
     assert train_losses(run) == reference
