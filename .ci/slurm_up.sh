@@ -92,10 +92,12 @@ for n in $NODES; do
   fi
 done
 
-# ---- wait until every node is idle ----
+# ---- wait until every node is up (idle, or running jobs when the cluster was already up) ----
 for _ in $(seq 120); do
   states="$(sinfo -h -N -p low -o '%t' 2>/dev/null | sort -u | tr '\n' ' ')"
-  [ "$states" = "idle " ] && { log "up: nodes $NODELIST idle (SLURM_CONF=$SLURM_CONF)"; exit 0; }
+  if [ -n "$states" ] && [ -z "$(echo $states | tr ' ' '\n' | grep -v -x -E 'idle|alloc|mix|comp')" ]; then
+    log "up: nodes $NODELIST $states(SLURM_CONF=$SLURM_CONF)"; exit 0
+  fi
   sleep 0.5
 done
 log "nodes not idle after 60 s (states: ${states:-none}); see $D/log/"
