@@ -1,4 +1,4 @@
-"""The four stages on a tiny model (one process, ZeRO-1 bf16): what each stage may change.
+"""The four stages on a tiny model (one process, ZeRO-1 and ZeRO-3, bf16): what each stage may change.
 
 S1.1 and S1.2 train only the patch embedding and the visual FFNs: every LLM parameter is bit-identical
 to the base. S1.3 also trains attention: the text FFNs stay identical. S2 trains everything.
@@ -17,14 +17,15 @@ from trainer_helpers import TINY, generated_factory, train_losses
 LLM = {"attention", "text_ffn", "norms", "embeddings", "head"}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 3], ids=["zero1-bf16", "zero3-bf16"])
+def run(tmp_path_factory, request):
     import os
     os.environ["WANDB_MODE"] = "disabled"
     d = tmp_path_factory.mktemp("pipeline")
     lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", "stages_all.precision=bf16",
-                              "stages_all.zero_stage=1"])
+                              f"stages_all.zero_stage={request.param}"])
     run_pipeline(lp, d, loader_factory=generated_factory)
+    (d / "zero_stage").write_text(str(request.param))
     return d
 
 
@@ -65,7 +66,7 @@ def test_stage_weights_follow_trainable_groups(run):
 def test_rerun_of_a_finished_run_trains_nothing(run):
     before = (run / "metrics.jsonl").read_text()
     lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", "stages_all.precision=bf16",
-                              "stages_all.zero_stage=1"])
+                              f"stages_all.zero_stage={(run / 'zero_stage').read_text()}"])
     assert run_pipeline(lp, run, loader_factory=generated_factory) == []
     assert (run / "metrics.jsonl").read_text() == before
     assert len(train_losses(run)) == 16

@@ -43,3 +43,16 @@ def test_skipped_step_leaves_weights_unchanged(tmp_path, monkeypatch):
         run_pipeline(lp, tmp_path / name, loader_factory=generated_factory, on_engine=engines.append)
         out[name] = {n: p.detach().clone() for n, p in engines[0].module.named_parameters()}
     assert all(torch.equal(out["one"][n], out["two"][n]) for n in out["one"])
+
+
+def test_stage_length_in_tokens_and_timed_checkpoints(tmp_path, monkeypatch):
+    """tokens=100 with 32-token micro-batches: 4 steps; every_minutes tiny: a checkpoint after every step."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv(NAN_HOOK, raising=False)
+    lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", "s1_1_concept.steps=0", "s1_1_concept.tokens=100",
+                              "s1_1_concept.checkpoint.every_minutes=1e-6", "s1_1_concept.checkpoint.keep_last=10"])
+    lp.stages = lp.stages[:1]
+    (counters,) = run_pipeline(lp, tmp_path, loader_factory=generated_factory)
+    assert counters.step == 4 and counters.tokens == 128
+    ckpt = tmp_path / "stages" / "0_s1_1_concept" / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
