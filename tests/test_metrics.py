@@ -65,3 +65,15 @@ def test_peak_flops_and_routed_flops(tiny_cfg):
     assert active_params_per_token(tiny_cfg) == active_params_per_token(replace(tiny_cfg, visual_attention_experts=True))
     h, f, L = tiny_cfg.hidden_size, tiny_cfg.intermediate_size, tiny_cfg.num_layers
     assert active_params_per_token(tiny_cfg) > L * 3 * h * f and active_params_per_token(tiny_cfg) < L * 6 * h * f + h * tiny_cfg.vocab_size * 2
+
+
+def test_wandb_offline_run_in_run_dir(tmp_path, monkeypatch, tiny_cfg):
+    from evip.metrics import Metrics
+    from evip.pipeline import WandbConfig
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    m = Metrics(tmp_path, 0, tiny_cfg, WandbConfig(), "test")
+    assert m.wandb is not None
+    m.log_eval("s1_1_concept", 1, {"text_loss": 1.5})
+    m.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["text_loss"] == 1.5
