@@ -97,6 +97,10 @@ def validate_stage(cfg: StageConfig, where: str) -> None:
         bad("zero_stage", f"must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     if cfg.precision not in ("bf16", "fp32"):
         bad("precision", f"must be bf16 or fp32, got {cfg.precision!r}")
+    if cfg.zero_stage == 0 and cfg.precision == "bf16":
+        bad("zero_stage", "ZeRO-0 with bf16 trains bf16 weights without reachable fp32 master weights "
+                          "(DeepSpeed's DDP-bf16 path): the stage hand-off would round every trained weight; "
+                          "use zero_stage=1 (the paper's setting) or precision=fp32")
     if cfg.schedule.kind not in ("cosine", "constant"):
         bad("schedule.kind", f"must be cosine or constant, got {cfg.schedule.kind!r}")
     if cfg.grad_accum < 1:

@@ -42,6 +42,9 @@ def test_stage_file_errors_name_key_and_file(tmp_path):
     f.write_text("name: x\ntrainable: [patch_embed]\nsteps: 0\ndata: {recipe: r.yaml}\n")
     with pytest.raises(ConfigError, match=rf"'steps' in {f}"):
         load_stage(f)
+    f.write_text("name: x\ntrainable: [patch_embed]\nsteps: 3\nzero_stage: 0\nprecision: bf16\ndata: {recipe: r.yaml}\n")
+    with pytest.raises(ConfigError, match=rf"'zero_stage' in {f}: ZeRO-0 with bf16"):
+        load_stage(f)
     f.write_text("name: x\ntrainable: [patch_embed]\nsteps: 3\n")
     with pytest.raises(ConfigError, match="'data.recipe' is missing"):
         load_stage(f)
