@@ -13,7 +13,7 @@ export EVIP_DEMO_DATA="$RUN_DIR/data"          # where demo/recipes/*.yaml look 
 start=$(date +%s)
 
 if [ ! -f "$EVIP_DEMO_DATA/manifest.json" ]; then
-  "$PY" -m evip.cli demo-data "$EVIP_DEMO_DATA" --n-heldout 120
+  "$PY" -m evip.cli demo-data "$EVIP_DEMO_DATA" --n-heldout 100
 fi
 GGUF=$("$PY" -c "from evip.assets import smollm2_gguf; print(smollm2_gguf())")
 "$PY" -m evip.cli run demo/pipeline.yaml "base.source=$GGUF" "$@" --run-dir "$RUN_DIR"
