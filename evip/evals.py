@@ -41,16 +41,18 @@ def text_batches(tokenizer, model_cfg, corpus: str, seq_len: int, n: int, rank: 
 @torch.no_grad()
 def mean_loss(engine, batches) -> float:
     """Token-weighted mean loss over every rank's batches."""
-    acc = torch.zeros(2, dtype=torch.float64)
+    acc = torch.zeros(2, dtype=torch.float64, device=engine.device)
     engine.eval()
     try:
         for b in batches:
             out = engine(**{k: v.to(engine.device) for k, v in b.items()})
-            acc += torch.tensor([float(out.loss_sum), float(out.num_tokens)], dtype=torch.float64)
+            acc[0] += out.loss_sum.double()
+            acc[1] += out.num_tokens.double()
     finally:
         engine.train()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(acc)
+    acc = acc.cpu()
     return (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
 
 

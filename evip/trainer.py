@@ -137,7 +137,7 @@ class StageTrainer:
             minutes_due = (self.stage.checkpoint.every_minutes > 0 and c.rank == 0 and
                            time.monotonic() - last_save >= 60 * self.stage.checkpoint.every_minutes)
             flags = _all_reduce(torch.tensor([float(stats["nonfinite"]), float(bool(c.stop.requested)),
-                                              float(minutes_due)], dtype=torch.float64))
+                                              float(minutes_due)], dtype=torch.float64, device=self.device)).cpu()
             nonfinite = flags[0] > 0 or not math.isfinite(stats["grad_norm"])
             self.counters.step += 1
             self.counters.tokens += stats["tokens"]
@@ -173,7 +173,8 @@ class StageTrainer:
         """grad_accum micro-batches and one optimizer step. Returns global stats and data-wait time."""
         engine = self.engine
         lr = current_lr(engine)
-        acc = torch.zeros(11, dtype=torch.float64)   # loss_sum, ntok, kind_loss[3], kind_ntok[3], tokens, samples, nonfinite
+        # on the device, read once per step: loss_sum, ntok, kind_loss[3], kind_ntok[3], tokens, samples, nonfinite
+        acc = torch.zeros(11, dtype=torch.float64, device=self.device)
         wait = 0.0
         for _ in range(self.stage.grad_accum):
             t = time.perf_counter()
@@ -184,18 +185,15 @@ class StageTrainer:
             loss = out.loss * float("nan") if poison else out.loss
             engine.backward(loss)
             engine.step()
-            acc[0] += float(out.loss_sum.detach()) if not poison else float("nan")
-            acc[1] += float(out.num_tokens)
-            acc[2:5] += out.kind_loss_sum.detach().double().cpu()
-            acc[5:8] += out.kind_num_tokens.double().cpu()
-            acc[8] += float((batch["seq_ids"] >= 0).sum())
-            acc[9] += float(_count_samples(batch["seq_ids"]))
-            acc[10] += float(not torch.isfinite(loss.detach()).item())
-        nonfinite_local = acc[10].item()
-        acc[10] = 0.0
-        acc[0:1] = torch.nan_to_num(acc[0:1], nan=0.0, posinf=0.0, neginf=0.0)
-        acc[10] = nonfinite_local
-        _all_reduce(acc)
+            acc[0] += out.loss_sum.detach().double() * (float("nan") if poison else 1.0)
+            acc[1] += out.num_tokens.double()
+            acc[2:5] += out.kind_loss_sum.detach().double()
+            acc[5:8] += out.kind_num_tokens.double()
+            acc[8] += (batch["seq_ids"] >= 0).sum()
+            acc[9] += (batch["seq_ids"].max(dim=1).values + 1).clamp(min=0).sum()   # seq ids are 0..k-1 per row
+            acc[10] += (~torch.isfinite(loss.detach())).double()
+        acc[:8] = torch.nan_to_num(acc[:8], nan=0.0, posinf=0.0, neginf=0.0)
+        acc = _all_reduce(acc).cpu()
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else 0.0
         if not engine.was_step_applied():
@@ -233,11 +231,3 @@ class StageTrainer:
         """Free the engine (the next stage builds its own)."""
         self.engine = None
         self.loader = None
-
-
-def _count_samples(seq_ids: torch.Tensor) -> int:
-    """Samples in a packed batch: distinct seq_ids per row (padding -1 excluded)."""
-    n = 0
-    for row in seq_ids:
-        n += int(torch.unique(row[row >= 0]).numel())
-    return n
