@@ -51,3 +51,9 @@ def test_plan_counts_and_memory(recipe, capsys):
     assert m == {"weights": 200 + 20, "grads": 10, "optimizer": 40, "total": 270}
     assert main(["plan", str(TINY), f"stages_all.data.recipe={recipe}", "--world-size", "2"]) == 0
     assert "[s1_3_alignment] ZeRO-2 fp32" in capsys.readouterr().out
+
+
+def test_run_takes_overrides_before_and_after_run_dir():
+    from evip.cli import build_parser
+    a = build_parser().parse_args(["run", "p.yaml", "seed=1", "--run-dir", "d", "s2_instruct.steps=3"])
+    assert a.overrides == ["seed=1"] and a.run_dir == ["d", "s2_instruct.steps=3"]
