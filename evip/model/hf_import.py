@@ -85,6 +85,8 @@ def hf_key(family: str, name: str, cfg: ModelConfig) -> tuple[str, Pick]:
 class StateDictSource:
     """Tensors already in memory (a transformers model's state dict); `get` hands them out without copying."""
 
+    fresh = False  # `get` returns the same tensor each time: a visual expert needs its own copy
+
     def __init__(self, tensors: dict[str, torch.Tensor], described_by: str):
         self._tensors = tensors
         self.described_by = described_by

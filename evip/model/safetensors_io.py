@@ -51,6 +51,8 @@ class SafetensorsCheckpoint:
     be counted twice while being copied out).
     """
 
+    fresh = True  # every `get` returns a new tensor: a visual expert can keep it without a copy
+
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         index, single = self.directory / INDEX_FILE, self.directory / SINGLE_FILE

@@ -97,7 +97,7 @@ def load_pretrained_llm(source: str | Path, vision: Mapping[str, Any] | None = N
             t = pick(packed[key])
         else:
             t = tensors.get(key)
-        if pick is None and is_expert_copy(name):
+        if pick is None and is_expert_copy(name) and not tensors.fresh:
             t = t.clone()  # the expert trains apart from the text weights
         if name in ("tok_embeddings.weight", "output.weight"):
             t = vocab.extend(t)
