@@ -47,7 +47,7 @@ def materialize(model: nn.Module, produce: Produce, dtype: torch.dtype | None = 
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         loaded[name] = tensor
-    # assign=True: the tensors become the parameters (no second copy); tied weights stay tied.
+    # assign=True: the tensors become the parameters (no second copy).
     model.load_state_dict(loaded, strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
