@@ -1,6 +1,7 @@
 """Patch embedding + pixel shuffle + projector: InternVL's layout and shapes."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from evip.model.config import ModelConfig
@@ -73,3 +74,27 @@ def test_image_embeddings_land_on_the_image_tokens_in_order():
     torch.testing.assert_close(h[0, 2:6], images[0])
     torch.testing.assert_close(h[1, 1:5], images[1])
     torch.testing.assert_close(h[~mask], model.tok_embeddings(ids[~mask]).detach())
+
+
+def test_uint8_tiles_are_normalised_on_the_model_exactly_as_float_tiles():
+    """The data workers ship uint8; the model's normalisation equals the data-side float path
+    bit for bit (same arithmetic), in fp32 and after the cast to a low-precision model dtype."""
+    from evip.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageProcessor
+    from evip.model.vision import normalise_pixels
+    cfg = tiny_model_config()
+    torch.manual_seed(0)
+    model = MonoInternVL(cfg)
+    raw = torch.randint(0, 256, (3, 3, 56, 56), dtype=torch.uint8)
+    floats = ImageProcessor.normalise(raw)
+    assert floats.dtype == torch.float32
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(floats, (raw.float() / 255 - mean) / std, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(model.embed_images(raw), model.embed_images(floats))
+        assert torch.equal(model.vision(raw), model.vision(floats))
+        model.to(torch.bfloat16)
+        assert torch.equal(model.embed_images(raw), model.embed_images(floats))
+    assert torch.equal(normalise_pixels(raw, torch.bfloat16), floats.to(torch.bfloat16))
+    assert torch.equal(normalise_pixels(floats), floats)               # float input: already normalised
+    with pytest.raises(TypeError, match="uint8"):
+        normalise_pixels(raw.long())

@@ -1,10 +1,15 @@
 """Images into the LLM without a vision encoder: patch embedding, pixel shuffle, projector.
 
-    pixels [N, 3, S, S] -> Conv2d(14 px) -> + class/position embedding (class token dropped)
+    pixels [N, 3, S, S] -> (uint8: ImageNet mean/std, fp32) -> Conv2d(14 px) -> + class/position embedding (class token dropped)
       -> [N, g, g, D] -> pixel shuffle (0.5) -> [N, g/2 * g/2, 4D] -> mlp1 -> [N, tokens, H]
 
 Exactly InternVL's `InternVisionEmbeddings` + `extract_feature` for Mono-InternVL (whose
 "vision model" is the embeddings only).
+
+Input pixels: uint8 RGB tiles (what the data workers ship: 4x less shared memory and
+host->device traffic than fp32) are normalised here, on the model's device, with InternVL's
+ImageNet mean/std in fp32, then cast to the model dtype (`normalise_pixels`). A float input
+is taken as already normalised and only cast.
 """
 from __future__ import annotations
 
@@ -13,6 +18,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from evip.model.config import ModelConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)      # InternVL's build_transform (T.Normalize)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise_pixels(pixel_values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N, 3, S, S] RGB -> (x / 255 - mean) / std, computed in fp32 on x's device as
+    x * (1 / (255 std)) + (-mean / std), then cast to `dtype`. Any float input is already
+    normalised: only cast. The one normalisation arithmetic of the project (data-side float
+    tiles use it too), so the uint8 and float paths give the same values bit for bit."""
+    if pixel_values.dtype != torch.uint8:
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values has dtype {pixel_values.dtype}: expected uint8 RGB tiles "
+                            "(0..255) or already-normalised float tiles")
+        return pixel_values.to(dtype)
+    dev = pixel_values.device
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    x = pixel_values.to(torch.float32).mul_(1.0 / (255.0 * std)).add_(-mean / std)
+    return x.to(dtype)
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
@@ -50,9 +75,10 @@ class PatchEmbedding(nn.Module):
         return pos.reshape(1, -1, h * w).permute(0, 2, 1).to(dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] -> [N, g*g, D] patch tokens (class token dropped after adding positions)."""
+        """[N, 3, S, S] (uint8 RGB, or float already normalised) -> [N, g*g, D] patch tokens
+        (class token dropped after adding positions)."""
         dtype = self.patch_embedding.weight.dtype
-        patches = self.patch_embedding(pixel_values.to(dtype))         # [N, D, gh, gw]
+        patches = self.patch_embedding(normalise_pixels(pixel_values, dtype))         # [N, D, gh, gw]
         n, _, gh, gw = patches.shape
         patches = patches.flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(n, 1, -1).to(dtype)
