@@ -9,8 +9,14 @@ A batch is a plain dict of tensors (so DataLoader collation, pinning and `.to()`
     seq_ids       LongTensor [B, T]   index of the sample within its row, -1 for padding;
                                       attention never crosses a change of seq_id, nor does the shifted loss
     kind_ids      LongTensor [B, T]   sample kind per token: 0 caption, 1 chat, 2 text-only (-1 padding)
-    pixel_values  FloatTensor [N, 3, S, S]  every tile of every image in the batch, in order of appearance
-                                      (row-major over B then T); N may be 0 (then shape [0, 3, S, S])
+    pixel_values  ByteTensor [N, 3, S, S]   every tile of every image in the batch, in order of appearance
+                                      (row-major over B then T); N may be 0 (then shape [0, 3, S, S]).
+                                      uint8 RGB (0..255, not normalised): 4x less worker -> trainer
+                                      shared memory and host -> device traffic than fp32. The model
+                                      normalises on its device (ImageNet mean/std in fp32, then its
+                                      dtype; evip.model.vision.normalise_pixels). A float tensor is
+                                      still accepted and taken as already normalised. Do not `.to(dtype)`
+                                      uint8 pixels yourself (that skips the normalisation).
 
 The image-token mask is `input_ids == img_context_token_id`; its count must equal
 N * tokens_per_tile, and the model checks it.

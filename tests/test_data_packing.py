@@ -136,3 +136,21 @@ def test_resume_from_positions_gives_identical_batches():
     assert resumed.stats == ref.stats
     with pytest.raises(ValueError, match="token_budget"):
         Packer(token_budget=32, max_images_per_pack=4, pad_id=0, rows=2).load_state_dict(state)
+
+
+def test_uint8_pixels_stay_uint8_and_a_dtype_mix_is_refused():
+    def u8(i: int, tiles: int) -> Sample:
+        ids = torch.arange(4) + 1000 * (i + 1)
+        pix = torch.full((tiles, 3, S, S), 10 * i, dtype=torch.uint8)
+        return Sample(input_ids=ids, labels=ids.clone(), kind_id=0, pixel_values=pix, key=f"u{i}")
+    packer = Packer(token_budget=8, max_images_per_pack=0, pad_id=0)
+    batch = run(packer, [u8(1, 2), u8(2, 0), u8(3, 1)])[0]            # the third opens the next batch
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [10, 10]
+    assert packer.flush()[0]["pixel_values"].tolist() == torch.full((1, 3, S, S), 30).tolist()
+    text_only = Packer(token_budget=8, max_images_per_pack=0, pad_id=0)
+    assert run(text_only, [u8(4, 0)]) == [] and text_only.flush()[0]["pixel_values"].dtype == torch.uint8
+    mixed = Packer(token_budget=16, max_images_per_pack=0, pad_id=0)
+    run(mixed, [u8(5, 1), make_sample(6, 4, tiles=1)])
+    with pytest.raises(ValueError, match="uint8"):
+        mixed.flush()

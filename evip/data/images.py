@@ -1,7 +1,7 @@
-"""Images: encoded bytes -> normalised tiles, with InternVL's dynamic tiling.
+"""Images: encoded bytes -> uint8 RGB tiles, with InternVL's dynamic tiling.
 
     proc = ImageProcessor(ImageConfig(max_tiles=6), tile_size=448)
-    tiles = proc(jpeg_bytes)            # FloatTensor [n_tiles, 3, 448, 448]
+    tiles = proc(jpeg_bytes)            # uint8 tensor [n_tiles, 3, 448, 448]
 
 Order of work, cheapest first, so a bad image costs almost nothing:
 1. `Image.open` reads only the header: size and format. An image whose header claims more than
@@ -14,7 +14,16 @@ Order of work, cheapest first, so a bad image costs almost nothing:
 5. `max_pixels`: the grid is chosen for the image scaled down (aspect kept) to that many pixels.
 6. Resize the decoded image straight to the grid with PIL bicubic (what InternVL's `image.resize` does), crop tiles
    row-major, append a thumbnail of the whole image when there is more than one tile.
-7. ImageNet mean/std normalisation.
+   All tiles are written into one preallocated array (no intermediate copies).
+7. No normalisation here: the tiles stay uint8 (4x less worker -> trainer shared memory and
+   host -> device traffic than fp32); the model normalises them on its device with ImageNet
+   mean/std (`evip.model.vision.normalise_pixels`). `normalise()` gives the same float values
+   on the CPU (inspection, tests).
+
+`ImageConfig.resize_reducing_gap` > 0 trades exactness for speed (opt-in, off by default):
+PIL first shrinks by an integer factor with a box filter while the downscale is more than
+`reducing_gap` times, then resamples bicubically. Pixels then differ from InternVL's crops;
+it only speeds up large downscales (the thumbnail, 1-tile grids), not a ~1.1x grid resize.
 Anything PIL cannot decode (garbage, truncated bytes) raises BadSample('decode').
 """
 from __future__ import annotations
@@ -22,16 +31,17 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from evip.data.record import BadSample
+from evip.model.vision import IMAGENET_MEAN, IMAGENET_STD, normalise_pixels
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageConfig", "ImageProcessor", "capped_size", "choose_grid",
+           "decode", "open_header", "target_ratios", "tile_image", "to_rgb"]
 
 
 @dataclass
@@ -43,13 +53,15 @@ class ImageConfig:
     bomb_pixels: int = 100_000_000     # header size above this: refused before decoding
     jpeg_draft: bool = True            # decode big JPEGs at reduced DCT scale
     split_tiles_across_images: bool = True  # multi-image: each image gets max_tiles // n_images (InternVL)
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    resize_reducing_gap: float = 0.0   # 0: exact InternVL bicubic; > 0 (e.g. 2.0): PIL's faster,
+                                       # NOT pixel-identical box pre-shrink for large downscales
 
     def __post_init__(self):
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ValueError(f"image.min_tiles={self.min_tiles} and image.max_tiles={self.max_tiles}: "
                              "need 1 <= min_tiles <= max_tiles")
+        if self.resize_reducing_gap < 0 or 0 < self.resize_reducing_gap < 1:
+            raise ValueError(f"image.resize_reducing_gap={self.resize_reducing_gap}: 0 (exact) or >= 1")
 
 
 def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -76,17 +88,22 @@ def choose_grid(width: int, height: int, tile: int, min_num: int, max_num: int) 
     return best
 
 
-def tile_image(img: Image.Image, tile: int, grid: tuple[int, int], use_thumbnail: bool) -> np.ndarray:
+def tile_image(img: Image.Image, tile: int, grid: tuple[int, int], use_thumbnail: bool,
+               reducing_gap: float = 0.0) -> np.ndarray:
     """InternVL's `dynamic_preprocess` on an RGB image, as uint8 [n, 3, tile, tile]: resize to
     the grid (PIL bicubic), cut row-major, the thumbnail (the whole image resized) last when the
-    grid has more than one tile. Same pixels as InternVL's PIL crops, in one array copy."""
+    grid has more than one tile. Same pixels as InternVL's PIL crops (unless `reducing_gap`),
+    each pixel copied once, from views of PIL's buffers into one preallocated array."""
     cols, rows = grid
-    resized = np.asarray(img.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC))
-    tiles = resized.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, tile, tile)
-    if use_thumbnail and rows * cols != 1:
-        thumb = np.asarray(img.resize((tile, tile), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
-        return np.concatenate([tiles, thumb[None]])
-    return np.ascontiguousarray(tiles)
+    gap = reducing_gap or None
+    n = rows * cols
+    thumb = use_thumbnail and n != 1
+    out = np.empty((n + thumb, 3, tile, tile), dtype=np.uint8)
+    resized = np.asarray(img.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC, reducing_gap=gap))
+    out[:n].reshape(rows, cols, 3, tile, tile)[...] = resized.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3)
+    if thumb:
+        out[n] = np.asarray(img.resize((tile, tile), Image.Resampling.BICUBIC, reducing_gap=gap)).transpose(2, 0, 1)
+    return out
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -150,15 +167,11 @@ def decode(data: bytes | Image.Image, cfg: ImageConfig, need: tuple[int, int] | 
 
 
 class ImageProcessor:
-    """Encoded image -> FloatTensor [n_tiles, 3, tile, tile]; see the module docstring."""
+    """Encoded image -> uint8 tensor [n_tiles, 3, tile, tile]; see the module docstring."""
 
     def __init__(self, cfg: ImageConfig, tile_size: int):
         self.cfg = cfg
         self.tile = int(tile_size)
-        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
-        self._scale = 1.0 / (255.0 * std)        # (x / 255 - mean) / std == x * scale + bias
-        self._bias = -mean / std
 
     def header_size(self, data: bytes) -> tuple[int, int]:
         """(width, height) from the header only (bomb-guarded); for filters."""
@@ -187,18 +200,18 @@ class ImageProcessor:
         # The grid comes from the (capped) header size; pixels are resized straight from the
         # decoded (possibly drafted) image to the grid: one resample, never a full-size detour.
         img = decode(head, self.cfg, need)
-        return tile_image(img, self.tile, (cols, rows), self.cfg.use_thumbnail)
+        return tile_image(img, self.tile, (cols, rows), self.cfg.use_thumbnail, self.cfg.resize_reducing_gap)
 
-    def normalise(self, tiles: np.ndarray) -> torch.Tensor:
-        """uint8 [n, 3, S, S] -> float (x / 255 - mean) / std, in two passes and one allocation."""
-        x = torch.from_numpy(tiles)
-        out = torch.mul(x, self._scale, out=torch.empty(x.shape, dtype=torch.float32))
-        return out.add_(self._bias)
+    @staticmethod
+    def normalise(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [n, 3, S, S] -> fp32 (x / 255 - mean) / std: exactly what the model computes from
+        the uint8 tiles on its device (for inspection and tests; the pipeline ships uint8)."""
+        return normalise_pixels(torch.as_tensor(tiles))
 
     def render(self, data: bytes, grid: tuple[int, int]) -> torch.Tensor:
-        """Tiles of `data` on a grid from `grid()`: FloatTensor [n_tiles(grid), 3, tile, tile]."""
-        return self.normalise(self.uint8_tiles(data, grid))
+        """Tiles of `data` on a grid from `grid()`: uint8 tensor [n_tiles(grid), 3, tile, tile]."""
+        return torch.from_numpy(self.uint8_tiles(data, grid))
 
     def __call__(self, data: bytes, max_tiles: int | None = None) -> torch.Tensor:
-        """Header -> grid -> tiles: FloatTensor [n_tiles, 3, tile, tile]."""
+        """Header -> grid -> tiles: uint8 tensor [n_tiles, 3, tile, tile]."""
         return self.render(data, self.grid(*self.header_size(data), max_tiles))

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from evip.batch import IGNORE_INDEX, KINDS
 from evip.data.images import IMAGENET_MEAN, IMAGENET_STD
+from evip.model.vision import normalise_pixels
 from evip.model.tokens import IMG_CONTEXT, IMG_END, IMG_START
 
 
@@ -36,7 +37,7 @@ class SampleView:
 def split_batch(batch: dict, ids: dict[str, int], tokens_per_tile: int) -> list[SampleView]:
     """Cut a packed batch back into its samples, each with its images' tiles (in order)."""
     out, tile = [], 0
-    pixels = batch["pixel_values"]
+    pixels = normalise_pixels(batch["pixel_values"])     # uint8 from the workers -> what the model sees
     for b in range(batch["input_ids"].shape[0]):
         seq = batch["seq_ids"][b]
         for sid in range(int(seq.max()) + 1 if (seq >= 0).any() else 0):
@@ -66,6 +67,7 @@ def infer_grid(tiles: torch.Tensor) -> tuple[int, int, bool]:
     n = tiles.shape[0]
     if n <= 1:
         return 1, 1, False
+    tiles = normalise_pixels(tiles)                       # uint8 or normalised float -> float
     g, thumb = n - 1, tiles[-1:]
     best, best_err = (g, 1), float("inf")
     for cols in range(1, g + 1):

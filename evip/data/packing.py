@@ -161,11 +161,15 @@ class Packer:
                 t += n
             real += t
             n_samples += len(row.samples)
+        if len({p.dtype for p in pixels}) > 1:   # torch.cat would promote uint8 to float: wrong values
+            raise ValueError(f"samples in one micro-batch carry pixel_values of dtypes "
+                             f"{sorted(str(p.dtype) for p in pixels)}: every source must ship uint8 RGB "
+                             "tiles (ImageProcessor) or every one normalised floats, not a mix")
         if pixels:
             pixel_values = torch.cat(pixels)
         else:
-            size = self._tile_size()
-            pixel_values = torch.zeros((0, 3, size, size))
+            size, dtype = self._empty_pixels()
+            pixel_values = torch.zeros((0, 3, size, size), dtype=dtype)
         self.stats.batches += 1
         self.stats.samples += n_samples
         self.stats.real_tokens += real
@@ -176,8 +180,9 @@ class Packer:
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                 "seq_ids": seq_ids, "kind_ids": kind_ids, "pixel_values": pixel_values}
 
-    def _tile_size(self) -> int:
+    def _empty_pixels(self) -> tuple[int, torch.dtype]:
+        """(tile size, dtype) of a micro-batch without tiles: the samples' own (uint8 if none)."""
         for row in self._open:
             for s in row.samples:
-                return int(s.pixel_values.shape[-1])
-        return 0
+                return int(s.pixel_values.shape[-1]), s.pixel_values.dtype
+        return 0, torch.uint8

@@ -5,7 +5,8 @@
 
 Order: required fields -> duplicate key -> caption length (chars) -> each image's header
 (bomb guard, min side, aspect ratio, exact duplicate) -> tile grids -> tokens and labels
-(caption token length, truncation) -> only then decode, tile and normalise the pixels. So a
+(caption token length, truncation) -> only then decode and tile the pixels (uint8 RGB tiles;
+the model normalises them on its device). So a
 sample that will be dropped is dropped before its pixels are decoded.
 
 Multi-image samples split the tile budget as InternVL does: each image gets
@@ -110,7 +111,7 @@ class SampleBuilder:
 
     def _pixels(self, rec: Record, grids: list[tuple[int, int]]) -> torch.Tensor:
         if not grids:
-            return torch.zeros((0, 3, self.tile_size, self.tile_size))
+            return torch.zeros((0, 3, self.tile_size, self.tile_size), dtype=torch.uint8)
         tiles = [self.images.render(data, grid) for data, grid in zip(rec.images, grids)]
         return torch.cat(tiles)
 
