@@ -114,12 +114,12 @@ class ModelOptionScorer:
             raise ValueError(f"question {question.get('id')}: the options' prompts differ; the chat "
                              "template must put the question before the answer")
         ends = [int((s.labels != IGNORE_INDEX).nonzero()[-1]) + 1 for s in samples]
-        dtype = next(self.model.parameters()).dtype
         was_training = self.model.training
         self.model.eval()
         try:
             cache = self.model.new_kv_cache(max(ends))
-            last = self.model(prompt[None], pixel_values=samples[0].pixel_values.to(dtype),
+            # pixels as the builder made them (uint8 or normalised float: the model takes both)
+            last = self.model(prompt[None], pixel_values=samples[0].pixel_values,
                               kv_cache=cache).logits[0, -1:].float()
             scores = []
             for s, end in zip(samples, ends):
