@@ -1,15 +1,16 @@
 """What a stage costs: S1.1 (frozen LLM) vs S2 (everything trains), and our engine vs bare PyTorch.
 
-    python bench/stage_cost.py [--steps 8] [--hidden 256] [--layers 4]
+    python bench/stage_cost.py [--rounds 12] [--hidden 256] [--layers 4]
 
 Measured side by side in one run, on the same model and the same packed batches:
   - optimizer-step time (forward + backward + step) of the S1.1 configuration / the S2
     configuration (goal <= 0.75: frozen weights need no weight gradients nor optimizer state);
-  - peak memory S1.1 / S2 (each configuration in its own child process: peak RSS on CPU, peak
+  - peak memory S1.1 / S2 (each configuration alone in a child process: peak RSS on CPU, peak
     allocated on GPU);
   - our ZeRO-0 step (evip.trainer.StageTrainer.train_step on the DeepSpeed engine) / a bare
     PyTorch loop (forward, backward, clip, AdamW, LR schedule) with the S2 trainable set (goal <= 1.10).
-Configurations alternate (A B A B ...) so machine load hits both alike. The last line is one JSON.
+Step times come from ONE process holding every configuration, timed step by step in turn
+(A B C D A B C D ...) so machine load hits all alike. The last line is one JSON.
 """
 from __future__ import annotations
 
@@ -123,37 +124,38 @@ def bare_loop(args, weights: Path, precision: str):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        float(out.loss)
+        float(out.loss.detach())
     return step
 
 
+def make_step(args, name: str, weights: Path):
+    if name == "bare":
+        return bare_loop(args, weights, "fp32")     # compared with our ZeRO-0 fp32 step
+    trainable, zero = {"s1_1": ("[patch_embed,visual_ffn]", 1), "s2": ("[all]", 1), "zero0": ("[all]", 0)}[name]
+    # ZeRO-0 with bf16 is refused by the stage config (no fp32 masters): the ZeRO-0 comparison runs fp32
+    t = trainer_for(args, trainable, zero, "fp32" if zero == 0 else args.precision, weights)
+    it = iter(t.loader)
+    return lambda: t.train_step(it)
+
+
 def child(args) -> dict:
-    """One configuration in this process: median step time and peak memory."""
+    """Peak memory of one configuration, alone in this process."""
     from evip.pipeline import init_distributed
     init_distributed()
-    weights = Path(args.weights)
-    if args.child == "bare":
-        step = bare_loop(args, weights, args.precision)
-    else:
-        trainable, zero = {"s1_1": ("[patch_embed,visual_ffn]", 1), "s2": ("[all]", 1),
-                           "zero0": ("[all]", 0)}[args.child]
-        t = trainer_for(args, trainable, zero, args.precision, weights)
-        it = iter(t.loader)
-        step = lambda: t.train_step(it)
-    timed(step, 2)                                   # warm-up
-    times = timed(step, args.steps)
+    step = make_step(args, args.child, Path(args.weights))
+    timed(step, 3)
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated()
     else:
         import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"median_s": statistics.median(times), "peak_bytes": peak}
+    return {"peak_bytes": peak}
 
 
 def run_child(args, name: str, weights: Path) -> dict:
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(29600 + os.getpid() % 300), "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, __file__, "--child", name, "--weights", str(weights), "--steps", str(args.steps),
+    cmd = [sys.executable, __file__, "--child", name, "--weights", str(weights),
            "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab),
            "--seq-len", str(args.seq_len), "--precision", args.precision]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -164,8 +166,7 @@ def run_child(args, name: str, weights: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=12, help="interleaved timed steps per configuration (2 warm-up)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
@@ -186,15 +187,22 @@ def main() -> None:
     ckpt.write_weights({n: p.detach().float() for n, p in model.named_parameters()}, weights)
     n_params = sum(p.numel() for p in model.parameters())
     del model
-    res = {k: [] for k in ("s1_1", "s2", "zero0", "bare")}
+    peak = {name: run_child(args, name, weights)["peak_bytes"] for name in ("s1_1", "s2")}
+    # step times: every configuration in this one process, interleaved step by step
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(29300 + os.getpid() % 300)})
+    from evip.pipeline import init_distributed
+    init_distributed()
+    steps = {name: make_step(args, name, weights) for name in ("s1_1", "s2", "zero0", "bare")}
+    times = {name: [] for name in steps}
     for r in range(args.rounds):
-        for name in res:
-            res[name].append(run_child(args, name, weights))
-            print(f"round {r} {name}: {res[name][-1]}", flush=True)
-    med = {k: statistics.median(x["median_s"] for x in v) for k, v in res.items()}
-    peak = {k: max(x["peak_bytes"] for x in v) for k, v in res.items()}
+        for name, step in steps.items():
+            t = timed(step, 1)[0]
+            if r >= 2:                                   # the first rounds warm up
+                times[name].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "precision": args.precision, "params": n_params, "seq_len": args.seq_len,
+           "precision": args.precision, "params": n_params, "seq_len": args.seq_len, "timed_steps": args.rounds - 2,
            "step_s": {k: round(v, 4) for k, v in med.items()},
            "s1_1_over_s2_step_time": round(med["s1_1"] / med["s2"], 3),
            "s1_1_over_s2_peak_memory": round(peak["s1_1"] / peak["s2"], 3),
