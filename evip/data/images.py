@@ -41,7 +41,7 @@ from evip.data.record import BadSample
 from evip.model.vision import IMAGENET_MEAN, IMAGENET_STD, normalise_pixels
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageConfig", "ImageProcessor", "capped_size", "choose_grid",
-           "decode", "open_header", "target_ratios", "tile_image", "to_rgb"]
+           "cut_tiles", "decode", "open_header", "target_ratios", "tile_image", "to_rgb"]
 
 
 @dataclass
@@ -92,17 +92,26 @@ def tile_image(img: Image.Image, tile: int, grid: tuple[int, int], use_thumbnail
                reducing_gap: float = 0.0) -> np.ndarray:
     """InternVL's `dynamic_preprocess` on an RGB image, as uint8 [n, 3, tile, tile]: resize to
     the grid (PIL bicubic), cut row-major, the thumbnail (the whole image resized) last when the
-    grid has more than one tile. Same pixels as InternVL's PIL crops (unless `reducing_gap`),
-    each pixel copied once, from views of PIL's buffers into one preallocated array."""
+    grid has more than one tile. Same pixels as InternVL's PIL crops (unless `reducing_gap`)."""
     cols, rows = grid
     gap = reducing_gap or None
+    resized = img.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC, reducing_gap=gap)
+    thumb = None
+    if use_thumbnail and rows * cols != 1:
+        thumb = img.resize((tile, tile), Image.Resampling.BICUBIC, reducing_gap=gap)
+    return cut_tiles(resized, thumb, tile, grid)
+
+
+def cut_tiles(resized: Image.Image, thumb: Image.Image | None, tile: int, grid: tuple[int, int]) -> np.ndarray:
+    """The grid-sized image cut row-major (+ the thumbnail last) into one preallocated uint8
+    [n, 3, tile, tile] array: each pixel copied once, from a view of PIL's buffer."""
+    cols, rows = grid
     n = rows * cols
-    thumb = use_thumbnail and n != 1
-    out = np.empty((n + thumb, 3, tile, tile), dtype=np.uint8)
-    resized = np.asarray(img.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC, reducing_gap=gap))
-    out[:n].reshape(rows, cols, 3, tile, tile)[...] = resized.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3)
-    if thumb:
-        out[n] = np.asarray(img.resize((tile, tile), Image.Resampling.BICUBIC, reducing_gap=gap)).transpose(2, 0, 1)
+    out = np.empty((n + (thumb is not None), 3, tile, tile), dtype=np.uint8)
+    out[:n].reshape(rows, cols, 3, tile, tile)[...] = (
+        np.asarray(resized).reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3))
+    if thumb is not None:
+        out[n] = np.asarray(thumb).transpose(2, 0, 1)
     return out
 
 

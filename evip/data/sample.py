@@ -113,7 +113,7 @@ class SampleBuilder:
         if not grids:
             return torch.zeros((0, 3, self.tile_size, self.tile_size), dtype=torch.uint8)
         tiles = [self.images.render(data, grid) for data, grid in zip(rec.images, grids)]
-        return torch.cat(tiles)
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles)     # one image: no extra copy
 
     # -- state (bounded dedup tables) ----------------------------------------------------
     def state_dict(self) -> dict:
