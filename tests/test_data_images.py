@@ -237,3 +237,14 @@ def test_reducing_gap_is_opt_in_and_only_approximate():
     assert diff.max() > 0 and diff.mean() < 4                         # not identical, but close (0..255)
     with pytest.raises(ValueError, match="resize_reducing_gap"):
         ImageConfig(resize_reducing_gap=0.5)
+
+
+@pytest.mark.parametrize("w,h,max_num", [(150, 100, 6), (40, 90, 4), (28, 28, 1)])
+def test_grey_images_resized_as_one_band_equal_internvl_rgb_pixels(w, h, max_num):
+    rng = np.random.default_rng(w)
+    grey = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L")
+    ours = ImageProcessor(ImageConfig(max_tiles=max_num), tile_size=28)(png_bytes(grey))
+    ref = ref_dynamic_preprocess(grey.convert("RGB"), 1, max_num, 28, use_thumbnail=True)
+    assert ours.shape == (len(ref), 3, 28, 28) and torch.equal(ours, as_uint8(ref))
+    assert decode(png_bytes(grey), ImageConfig(), keep_grey=True).mode == "L"
+    assert decode(png_bytes(grey), ImageConfig()).mode == "RGB"
