@@ -1,0 +1,108 @@
+"""`evip generate` and `evip export` on a real tiny run (real loader, real SmolLM2 tokenizer, one
+stage trained by the real trainer): answers are text and reproducible, the prompt is the training
+chat template, the export reloads bit-exactly, errors name the cause."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from evip.cli import main
+from evip.inference import PromptBuilder, latest_weights, run_tokenizer
+from evip.pipeline import load_pipeline, run_pipeline
+from trainer_helpers import prepared_tokenizer, write_e2e_pipeline
+
+STAGE = "s1_1_concept"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    os.environ["WANDB_MODE"] = "disabled"
+    root = tmp_path_factory.mktemp("genexp")
+    tok = prepared_tokenizer(tmp_path_factory.getbasetemp())
+    pipe = write_e2e_pipeline(root, tok, stages=(STAGE,), steps=2)
+    run_pipeline(load_pipeline(pipe), root / "run")
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(root / "red.png")
+    Image.new("RGB", (40, 70), (20, 30, 220)).save(root / "blue.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def _generate(capsys, run, *extra):
+    rc = main(["generate", "--run-dir", str(run / "run"), "--max-new-tokens", "6", *extra])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_generate_answers_deterministically(run, capsys):
+    img = ["--image", str(run / "red.png"), "--prompt", "What colour is the square?"]
+    rc, greedy, err = _generate(capsys, run, *img)
+    assert rc == 0, err
+    assert greedy.strip()                                  # decoded text, not only special tokens
+    assert _generate(capsys, run, *img)[1] == greedy       # greedy: the same answer again
+    sampled = [_generate(capsys, run, *img, "--temperature", "1.0", "--top-p", "0.9", "--seed", str(s))[1]
+               for s in (7, 7, 8)]
+    assert sampled[0] == sampled[1] and sampled[0].strip()
+    rc, text_only, err = _generate(capsys, run, "--prompt", "Say hello.")   # no image
+    assert rc == 0 and text_only.strip(), err
+    rc, two, err = _generate(capsys, run, "--image", str(run / "red.png"), "--image", str(run / "blue.png"),
+                             "--prompt", "<image>\nand\n<image>\nCompare.")
+    assert rc == 0 and two.strip(), err
+
+
+def test_prompt_is_the_training_chat_template(run):
+    w = latest_weights(run / "run")
+    assert w.stage == f"0_{STAGE}" and w.in_progress is None
+    tok = run_tokenizer(run / "run")
+    p = PromptBuilder(w, tok).build("Hi?", [(run / "red.png").read_bytes()])
+    n_img = w.model_cfg.tokens_per_tile                      # max_tiles=1: one tile
+    expected = ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * n_img + "</img>\nHi?<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert tok.decode(p.input_ids[0].tolist()) == expected
+    assert p.pixel_values.dtype == torch.uint8 and p.pixel_values.shape == (1, 3, 56, 56)
+    assert p.stop_id == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_generate_errors_name_the_cause(run, capsys, tmp_path):
+    rc, _, err = _generate(capsys, run, "--image", str(run / "broken.png"), "--prompt", "x")
+    assert rc == 1 and "broken.png" in err and "cannot be read as an image" in err
+    rc, _, err = _generate(capsys, run, "--image", str(run / "nope.png"), "--prompt", "x")
+    assert rc == 1 and "nope.png not found" in err
+    rc = main(["generate", "--run-dir", str(tmp_path / "missing"), "--prompt", "x"])
+    assert rc == 1 and "does not exist" in capsys.readouterr().err
+    # a stage killed before its end: checkpoints, no DONE, no consolidated weights
+    killed = tmp_path / "killed"
+    shutil.copytree(run / "run", killed)
+    for name in ("DONE", "model.safetensors"):
+        (killed / "stages" / f"0_{STAGE}" / name).unlink()
+    rc = main(["generate", "--run-dir", str(killed), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no finished weights yet" in err and f"0_{STAGE} (latest checkpoint: step 2)" in err
+    rc = main(["generate", "--run-dir", str(killed), "--prompt", "x", "--stage", "base", "--max-new-tokens", "2"])
+    assert rc == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_export_reloads_exactly(run, capsys, tmp_path, dtype):
+    from transformers import AutoTokenizer
+
+    from evip.model.weights import load_mono2b
+
+    out = tmp_path / "export"
+    assert main(["export", str(run / "run"), str(out), "--dtype", dtype]) == 0, capsys.readouterr().err
+    trained = load_file(str(run / "run" / "stages" / f"0_{STAGE}" / "model.safetensors"))
+    model, cfg = load_mono2b(out)
+    assert cfg == latest_weights(run / "run").model_cfg
+    want = torch.float32 if dtype == "fp32" else torch.bfloat16
+    state = dict(model.named_parameters())
+    assert set(state) == set(trained)
+    for name, t in trained.items():
+        assert state[name].dtype == want and torch.equal(state[name].detach(), t.to(want)), name
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.get_vocab() == run_tokenizer(run / "run").get_vocab()
+    assert main(["export", str(run / "run"), str(out)]) == 1                # never overwrites
+    assert "not an empty directory" in capsys.readouterr().err
