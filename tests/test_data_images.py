@@ -248,3 +248,14 @@ def test_grey_images_resized_as_one_band_equal_internvl_rgb_pixels(w, h, max_num
     assert ours.shape == (len(ref), 3, 28, 28) and torch.equal(ours, as_uint8(ref))
     assert decode(png_bytes(grey), ImageConfig(), keep_grey=True).mode == "L"
     assert decode(png_bytes(grey), ImageConfig()).mode == "RGB"
+
+
+@pytest.mark.parametrize("mode,size", [("RGB", (97, 61)), ("RGB", (1, 1)), ("L", (64, 33)), ("RGBA", (7, 5))])
+def test_pixels_view_equals_numpy_asarray(mode, size):
+    from evip.data.images import pixels_view
+    rng = np.random.default_rng(0)
+    shape = (size[1], size[0]) + ((len(mode),) if len(mode) > 1 else ())
+    im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    ref = np.asarray(im)
+    view = pixels_view(im)
+    assert np.array_equal(view, ref[..., None] if ref.ndim == 2 else ref)

@@ -43,7 +43,7 @@ from evip.data.record import BadSample
 from evip.model.vision import IMAGENET_MEAN, IMAGENET_STD, normalise_pixels
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageConfig", "ImageProcessor", "capped_size", "choose_grid",
-           "cut_tiles", "decode", "open_header", "target_ratios", "tile_image", "to_rgb"]
+           "cut_tiles", "decode", "pixels_view", "open_header", "target_ratios", "tile_image", "to_rgb"]
 
 
 @dataclass
@@ -111,16 +111,37 @@ def cut_tiles(resized: Image.Image, thumb: Image.Image | None, tile: int, grid: 
     cols, rows = grid
     n = rows * cols
 
-    def hwc(im: Image.Image) -> np.ndarray:
-        a = np.asarray(im)
-        return a[..., None] if a.ndim == 2 else a         # grey: one channel, broadcast below
-
     out = np.empty((n + (thumb is not None), 3, tile, tile), dtype=np.uint8)
-    g = hwc(resized)
+    g = pixels_view(resized)
     out[:n].reshape(rows, cols, 3, tile, tile)[...] = g.reshape(rows, tile, cols, tile, g.shape[-1]).transpose(0, 2, 4, 1, 3)
     if thumb is not None:
-        out[n] = hwc(thumb).transpose(2, 0, 1)
+        out[n] = pixels_view(thumb).transpose(2, 0, 1)
     return out
+
+
+def pixels_view(im: Image.Image) -> np.ndarray:
+    """[h, w, c] uint8 view of an RGB (c=3) or L (c=1) image. Zero-copy through PIL's Arrow
+    export when the image is one memory block (`np.asarray` copies twice, via `tobytes`);
+    otherwise (pyarrow missing, a multi-block image) `np.asarray`. Read it while `im` lives."""
+    flat = None
+    try:
+        import pyarrow as pa
+    except ImportError:
+        pa = None
+    if pa is not None and im.mode in ("RGB", "L"):
+        try:
+            arr = pa.array(im)
+            if isinstance(arr, pa.FixedSizeListArray):
+                arr = arr.flatten()
+            flat = arr.to_numpy(zero_copy_only=True)
+        except (ValueError, TypeError, NotImplementedError, pa.ArrowException):
+            flat = None                                # e.g. a multi-block image
+    if flat is None or flat.size != im.width * im.height * (1 if im.mode == "L" else 4):
+        a = np.asarray(im)
+        return a[..., None] if a.ndim == 2 else a
+    if im.mode == "L":
+        return flat.reshape(im.height, im.width, 1)
+    return flat.reshape(im.height, im.width, 4)[..., :3]     # PIL stores RGB as RGBX
 
 
 def to_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
