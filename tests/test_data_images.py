@@ -259,3 +259,9 @@ def test_pixels_view_equals_numpy_asarray(mode, size):
     ref = np.asarray(im)
     view = pixels_view(im)
     assert np.array_equal(view, ref[..., None] if ref.ndim == 2 else ref)
+
+
+def test_only_imagenet_mean_std_are_accepted():
+    assert ImageConfig(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]).mean == list(IMAGENET_MEAN)
+    with pytest.raises(ValueError, match="image.mean"):
+        ImageConfig(mean=[0.5, 0.5, 0.5])

@@ -33,7 +33,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,11 +57,20 @@ class ImageConfig:
     split_tiles_across_images: bool = True  # multi-image: each image gets max_tiles // n_images (InternVL)
     resize_reducing_gap: float = 0.0   # 0: exact InternVL bicubic; > 0 (e.g. 2.0): PIL's faster,
                                        # NOT pixel-identical box pre-shrink for large downscales
+    # The model normalises the uint8 tiles on its device with these (evip.model.vision); kept
+    # as config keys so resolved configs of earlier runs still load, but only ImageNet's are valid.
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
     def __post_init__(self):
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ValueError(f"image.min_tiles={self.min_tiles} and image.max_tiles={self.max_tiles}: "
                              "need 1 <= min_tiles <= max_tiles")
+        for key, value, ref in (("mean", self.mean, IMAGENET_MEAN), ("std", self.std, IMAGENET_STD)):
+            if [float(v) for v in value] != list(ref):
+                raise ValueError(f"image.{key}={list(value)}: the workers ship uint8 tiles and the model "
+                                 f"normalises them with InternVL's ImageNet {key} {list(ref)} "
+                                 "(evip.model.vision.normalise_pixels); remove the key or set those values")
         if self.resize_reducing_gap < 0 or 0 < self.resize_reducing_gap < 1:
             raise ValueError(f"image.resize_reducing_gap={self.resize_reducing_gap}: 0 (exact) or >= 1")
 
