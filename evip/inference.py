@@ -8,10 +8,11 @@ the training samples were (shared by `evip generate` and `evip export`).
     ids = model.generate(prompt.input_ids, prompt.pixel_values, eos_token_id=prompt.stop_id)
 
 Which weights (the run-dir layout is evip/pipeline.py's, the stage directory evip/checkpoint.py's):
-the consolidated `model.safetensors` of the last stage with a DONE marker; `--stage NAME` picks a
-finished stage by name, or `base` for the untrained base weights. The trainer consolidates
-weights only at stage end, so a stage in progress has none yet: it is reported (`in_progress`),
-never silently read from its DeepSpeed checkpoint.
+the newest there are. A stage in progress with a checkpoint: that checkpoint consolidated to fp32
+(trained parameters from DeepSpeed's fp32 master copies, frozen ones from the stage's input
+weights, as evip.checkpoint.consolidated_state does at stage end; exact). Otherwise the
+consolidated `model.safetensors` of the last stage with a DONE marker. `stage=NAME` picks a stage
+by name the same way, `stage="base"` the untrained base weights.
 
 The prompt is the stage's own chat sample (evip/data/sample.py: same template, system prompt,
 image tiling) for the one-turn conversation {human: prompt, gpt: ""}, cut before the first trained
@@ -39,15 +40,60 @@ class InferenceError(RuntimeError):
 @dataclass
 class RunWeights:
     run_dir: Path
-    weights: Path                  # a consolidated fp32 model.safetensors
+    source: Path                   # a consolidated fp32 model.safetensors, or a checkpoint directory
     stage: str                     # "base" or the stage directory name (<index>_<name>)
     stage_dir: Optional[Path]      # None for the base weights
     in_progress: Optional[str]     # the stage directory name of a started, unfinished stage
     model_cfg: object              # evip.model.config.ModelConfig
+    step: Optional[int] = None     # the checkpoint's step when `source` is a checkpoint
+    input_weights: Optional[Path] = None   # a checkpoint's stage input (its frozen parameters)
+
+    def describe(self) -> str:
+        if self.step is None:
+            return f"{self.stage} ({self.source})"
+        return f"{self.stage} in progress, checkpoint step {self.step} ({self.source})"
 
     def build(self):
-        """A MonoInternVL with every parameter read (fp32) from `weights`."""
-        return ckpt.build_from_weights(self.model_cfg, self.weights)
+        """A MonoInternVL with every parameter in fp32 from `source`."""
+        if self.step is None:
+            return ckpt.build_from_weights(self.model_cfg, self.source)
+        from evip.model.meta_load import build_empty, materialize
+        state = checkpoint_state(self.source, self.stage_dir, self.input_weights)
+        model = build_empty(self.model_cfg)
+
+        def produce(name, shape):
+            if name not in state:
+                raise InferenceError(f"checkpoint {self.source} has no tensor {name!r}: it was written for "
+                                     "another model config")
+            return state.pop(name)
+        return materialize(model, produce, torch.float32, lambda name: str(self.source))
+
+
+def checkpoint_state(path: Path, stage_dir: Path, input_weights: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a stage checkpoint (`ckpt/step_N`): trained parameters from the fp32 master
+    copies of its ZeRO-1/2/3 optimizer states (or the fp32 module under ZeRO-0), frozen ones from the
+    stage's input weights, which the trainer keeps bit-identical."""
+    from safetensors import safe_open
+
+    from evip.config import load_config
+    from evip.stages import StageConfig
+
+    stage = load_config(StageConfig, stage_dir / "stage.yaml")
+    ds = path / ckpt.DS_TAG
+    if stage.zero_stage == 0:   # refused with bf16: the module holds the fp32 weights
+        files = sorted(ds.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise InferenceError(f"{ds} has no mp_rank_*_model_states.pt: the checkpoint is damaged")
+        state = {k: v.float() for k, v in torch.load(files[0], map_location="cpu", weights_only=False)["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(
+            str(path), tag=ckpt.DS_TAG, exclude_frozen_parameters=True).items()}
+    with safe_open(str(input_weights), framework="pt") as f:
+        for name in f.keys():
+            if name not in state:
+                state[name] = f.get_tensor(name).float()
+    return state
 
 
 def stage_dirs(run_dir: Path) -> list[Path]:
@@ -61,14 +107,8 @@ def stage_name(stage_dir: Path) -> str:
     return stage_dir.name.split("_", 1)[1]
 
 
-def _progress(stage_dir: Path) -> str:
-    try:
-        latest = ckpt.latest_checkpoint(stage_dir / "ckpt")
-    except RuntimeError:
-        latest = None
-    if latest is None:
-        return f"{stage_dir.name} (no checkpoint yet)"
-    return f"{stage_dir.name} (latest checkpoint: step {ckpt.read_meta(latest)['counters']['step']})"
+def _latest(stage_dir: Path) -> Optional[Path]:
+    return ckpt.latest_checkpoint(stage_dir / "ckpt")
 
 
 def _model_config(run_dir: Path):
@@ -86,31 +126,37 @@ def latest_weights(run_dir: str | Path, stage: Optional[str] = None) -> RunWeigh
     if not run_dir.is_dir():
         raise InferenceError(f"run directory {run_dir} does not exist")
     model_cfg = _model_config(run_dir)
+    base = run_dir / "base" / ckpt.WEIGHTS
     dirs = stage_dirs(run_dir)
-    done = [d for d in dirs if (d / ckpt.DONE).is_file()]
     unfinished = [d for d in dirs if not (d / ckpt.DONE).is_file()]
     in_progress = unfinished[0].name if unfinished else None
     if stage == BASE:
-        return RunWeights(run_dir, run_dir / "base" / ckpt.WEIGHTS, BASE, None, in_progress, model_cfg)
+        return RunWeights(run_dir, base, BASE, None, in_progress, model_cfg)
     if stage is not None:
         match = [d for d in dirs if stage in (stage_name(d), d.name)]
         if not match:
             known = [stage_name(d) for d in dirs]
             raise InferenceError(f"stage {stage!r} not found in {run_dir}/stages: started stages are {known} "
                                  f"(or '{BASE}' for the base weights)")
-        d = match[0]
-        if not (d / ckpt.DONE).is_file():
-            raise InferenceError(f"stage {d.name} has no finished weights yet: it is in progress, "
-                                 f"{_progress(d)}; its consolidated {ckpt.WEIGHTS} is written at stage end. "
-                                 "Let it finish, or pick a finished stage with --stage")
-        return RunWeights(run_dir, d / ckpt.WEIGHTS, d.name, d, in_progress, model_cfg)
-    if not done:
-        where = f"stage {_progress(unfinished[0])} is in progress" if unfinished else "no stage has started"
-        raise InferenceError(f"{run_dir} has no finished weights yet: {where}; a stage's consolidated "
-                             f"{ckpt.WEIGHTS} is written at its end. Let it finish, or pass --stage {BASE} "
-                             "for the untrained base weights")
-    d = done[-1]
-    return RunWeights(run_dir, d / ckpt.WEIGHTS, d.name, d, in_progress, model_cfg)
+        candidates = [match[0]]
+    else:
+        candidates = dirs[::-1]
+    for d in candidates:
+        if (d / ckpt.DONE).is_file():
+            return RunWeights(run_dir, d / ckpt.WEIGHTS, d.name, d, in_progress, model_cfg)
+        latest = _latest(d)
+        if latest is not None:
+            k = dirs.index(d)
+            inputs = dirs[k - 1] / ckpt.WEIGHTS if k else base
+            return RunWeights(run_dir, latest, d.name, d, in_progress, model_cfg,
+                              step=int(ckpt.read_meta(latest)["counters"]["step"]), input_weights=inputs)
+    if stage is not None:
+        raise InferenceError(f"stage {candidates[0].name} has no weights yet: it is in progress and has "
+                             "written no checkpoint; wait for its first checkpoint or pick another --stage")
+    where = f"stage {in_progress} is in progress and has written no checkpoint" if in_progress else \
+        "no stage has started"
+    raise InferenceError(f"{run_dir} has no trained weights yet: {where}. Wait for a checkpoint, or pass "
+                         f"--stage {BASE} for the untrained base weights")
 
 
 def run_tokenizer(run_dir: str | Path):

@@ -12,10 +12,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="write a run's weights in the Mono-InternVL-2B HF layout",
         description="Write OUT/model*.safetensors (released key names, packed wqkv), OUT/config.json "
-                    "and the run's tokenizer from the last finished stage of RUN_DIR (or --stage).")
+                    "and the run's tokenizer from the newest weights of RUN_DIR (the stage in progress's "
+                    "latest checkpoint, consolidated, else the last finished stage's; or --stage).")
     p.add_argument("run_dir", help="a run directory of `evip run`")
     p.add_argument("out", help="output directory (new or empty)")
-    p.add_argument("--stage", default=None, help="a finished stage's name (default: the last finished one), or 'base'")
+    p.add_argument("--stage", default=None, help="a stage's name (default: the newest weights of the run), or 'base'")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="tensor dtype of the export (default bf16, the release's; fp32 is exact)")
     p.set_defaults(func=run)
@@ -32,9 +33,7 @@ def export(run_dir, out, stage=None, dtype: str = "bf16") -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InferenceError(f"{out} exists and is not an empty directory: export into a new one")
     weights = latest_weights(run_dir, stage)
-    if weights.in_progress and stage is None:
-        print(f"evip export: stage {weights.in_progress} is in progress (no consolidated weights yet); "
-              f"exporting {weights.stage}", file=sys.stderr)
+    print(f"evip export: weights of {weights.describe()}", file=sys.stderr)
     tok = run_tokenizer(run_dir)
     model = weights.build().to(getattr(torch, DTYPES[dtype]))
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ import sys
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="answer a prompt (with images) from a run's latest weights",
-        description="Load the consolidated weights of the last finished stage of RUN_DIR (or --stage), "
+        description="Load the newest weights of RUN_DIR (the stage in progress's latest checkpoint, "
+                    "consolidated, else the last finished stage's; or --stage), "
                     "build the prompt with that stage's chat template and image tiling, and print the "
                     "answer (greedy unless --temperature > 0).")
     p.add_argument("--run-dir", required=True, help="a run directory of `evip run`")
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
                         "places them, else they come first)")
     p.add_argument("--prompt", required=True, help="the user turn")
     p.add_argument("--stage", default=None,
-                   help="a finished stage's name (default: the last finished one), or 'base'")
+                   help="a stage's name (default: the newest weights of the run), or 'base'")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -34,11 +35,12 @@ def answer(args: argparse.Namespace) -> tuple[str, list[int], str]:
 
     if args.max_new_tokens < 1:
         raise InferenceError(f"--max-new-tokens={args.max_new_tokens}: must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise InferenceError(f"--temperature={args.temperature} --top-p={args.top_p}: need temperature >= 0 "
+                             "and 0 < top_p <= 1")
     images = read_images(args.image)
     weights = latest_weights(args.run_dir, args.stage)
-    if weights.in_progress and args.stage is None:
-        print(f"evip generate: stage {weights.in_progress} is in progress (no consolidated weights yet); "
-              f"answering with {weights.stage}", file=sys.stderr)
+    print(f"evip generate: weights of {weights.describe()}", file=sys.stderr)
     tok = run_tokenizer(args.run_dir)
     prompt = PromptBuilder(weights, tok).build(args.prompt, images, args.image)
     limit = weights.model_cfg.max_position_embeddings
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from evip.inference import InferenceError
     try:
         text, _, _ = answer(args)
-    except (InferenceError, ValueError) as e:
+    except InferenceError as e:
         print(f"evip generate: error: {e}", file=sys.stderr)
         return 1
     print(text)
