@@ -36,7 +36,7 @@ class Sample:
     input_ids: torch.Tensor        # LongTensor [L]
     labels: torch.Tensor           # LongTensor [L], -100 where no loss
     kind_id: int                   # evip.batch.KIND_ID
-    pixel_values: torch.Tensor     # FloatTensor [n_tiles, 3, S, S] (n_tiles may be 0)
+    pixel_values: torch.Tensor     # uint8 [n_tiles, 3, S, S] RGB tiles, normalised by the model (n_tiles may be 0)
     key: str = ""
     source: str = ""
 
