@@ -110,24 +110,15 @@ def model_config(cfg: PipelineConfig, where: str):
 
 # ---- distributed set-up ------------------------------------------------------------------
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); a process group exists afterwards (gloo on CPU, nccl on GPU)."""
-    try:
-        from evip.distributed import init_distributed as init
-    except ImportError:   # LAUNCH's module not there yet: torchrun env or a single process
-        return _init_fallback()
-    info = init()
-    return info.rank, info.world_size
+def init_distributed(run_dir: Path) -> tuple[int, int]:
+    """(rank, world size) from torchrun, SLURM or a lone process; a process group exists afterwards
+    (gloo on CPU, nccl on GPU) and the run dir is checked writable and shared by every rank."""
+    from evip.distributed import check_run_dir
+    from evip.distributed import init_distributed as init
 
-
-def _init_fallback() -> tuple[int, int]:
-    import deepspeed
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", "29533")):
-        os.environ.setdefault(k, v)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    env = init()
+    check_run_dir(run_dir, env)
+    return env.rank, env.world_size
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -203,7 +194,7 @@ def run_pipeline(lp: LoadedPipeline, run_dir, loader_factory: Optional[LoaderFac
     from evip.trainer import StageContext, StageTrainer
 
     run_dir = Path(run_dir)
-    rank, world_size = init_distributed()
+    rank, world_size = init_distributed(run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "pipeline.yaml").write_text(to_yaml(lp.cfg))
