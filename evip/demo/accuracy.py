@@ -159,7 +159,7 @@ def run_accuracy(run_dir: str | Path, questions_path: str | Path, limit: int | N
     """
     from transformers import AutoTokenizer
 
-    from evip.checkpoint import DONE, WEIGHTS, build_from_weights
+    from evip.checkpoint import WEIGHTS, build_from_weights
     from evip.config import load_config
     from evip.data.filters import FilterConfig
     from evip.data.sample import SampleBuilder
@@ -168,7 +168,6 @@ def run_accuracy(run_dir: str | Path, questions_path: str | Path, limit: int | N
 
     run_dir = Path(run_dir)
     stage_dir = final_stage_dir(run_dir)
-    assert (stage_dir / DONE).is_file()
     model_cfg = ModelConfig(**json.loads((run_dir / "base" / "model_config.json").read_text()))
     tok_dir = run_dir / "base" / "tokenizer"
     if not tok_dir.is_dir():
