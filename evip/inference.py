@@ -108,7 +108,10 @@ def stage_name(stage_dir: Path) -> str:
 
 
 def _latest(stage_dir: Path) -> Optional[Path]:
-    return ckpt.latest_checkpoint(stage_dir / "ckpt")
+    try:
+        return ckpt.latest_checkpoint(stage_dir / "ckpt")
+    except RuntimeError as e:   # `latest` names a missing directory (tampering)
+        raise InferenceError(str(e)) from None
 
 
 def _model_config(run_dir: Path):

@@ -122,3 +122,26 @@ def test_export_reloads_exactly(run, capsys, tmp_path, dtype):
     assert tok.get_vocab() == run_tokenizer(run / "run").get_vocab()
     assert main(["export", str(run / "run"), str(out)]) == 1                # never overwrites
     assert "not an empty directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_checkpoint_consolidation_is_exact_under_zero3_bf16(tmp_path):
+    """bf16 + ZeRO-3, all four stages (S2 trains everything): each stage's last checkpoint,
+    consolidated as for a stage in progress, equals the weights the stage end wrote."""
+    from evip.checkpoint import WEIGHTS, latest_checkpoint
+    from evip.inference import RunWeights, stage_dirs
+    from trainer_helpers import TINY, generated_factory
+
+    os.environ["WANDB_MODE"] = "disabled"
+    lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", "stages_all.precision=bf16",
+                              "stages_all.zero_stage=3"])
+    run_pipeline(lp, tmp_path, loader_factory=generated_factory)
+    dirs = stage_dirs(tmp_path)
+    assert len(dirs) == 4
+    for k, d in enumerate(dirs):
+        inputs = dirs[k - 1] / WEIGHTS if k else tmp_path / "base" / WEIGHTS
+        w = RunWeights(tmp_path, latest_checkpoint(d / "ckpt"), d.name, d, d.name,
+                       latest_weights(tmp_path).model_cfg, step=4, input_weights=inputs)
+        state = dict(w.build().named_parameters())
+        ref = load_file(str(d / WEIGHTS))
+        assert [n for n in ref if not torch.equal(state[n].detach(), ref[n])] == [], d.name
