@@ -6,7 +6,7 @@ PIP     := $(BIN)/pip
 TORCH   := torch==2.13.0
 CONSTR  := $(VENV)/constraints.txt
 
-.PHONY: setup test test-fast clean
+.PHONY: setup test test-fast demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,18 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# All four EViP stages on CPU from the real SmolLM2-135M-Instruct, then accuracy, plots and summary.
+demo: setup
+	demo/run.sh runs/demo
+
+# Every benchmark in bench/; each prints one JSON object as its last line.
+bench: setup
+	@mkdir -p runs
+	@for b in bench/*.py; do \
+	  echo "== $$b"; $(BIN)/python $$b > runs/bench-$$(basename $$b .py).log 2>&1 \
+	    && tail -n 1 runs/bench-$$(basename $$b .py).log || { tail -n 20 runs/bench-$$(basename $$b .py).log; exit 1; }; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
