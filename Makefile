@@ -5,6 +5,9 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip
 TORCH   := torch==2.13.0
 CONSTR  := $(VENV)/constraints.txt
+# DeepSpeed JIT-builds a small CPU op on first use (~30 s); keep the build with this venv so it
+# is built once per checkout, not again whenever another checkout's venv used the shared cache.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup test test-fast demo bench clean
 
