@@ -9,7 +9,6 @@ The model must already be frozen by its stage's groups (evip.stages.apply_traina
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable
 
@@ -85,20 +84,6 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-class OutputDict(dict):
-    """ModelOutput as a dict (attribute access kept): ZeRO-3 walks dicts, tuples and lists of a
-    module's outputs to hook the backward pass; a dataclass output hides its tensors from it, and
-    a trained parameter used directly in the top module (the head) then has no gathered copy at
-    backward time."""
-    __getattr__ = dict.__getitem__
-
-
-def _output_as_dict(module, args, output):
-    if dataclasses.is_dataclass(output):
-        return OutputDict({f.name: getattr(output, f.name) for f in dataclasses.fields(output)})
-    return output
-
-
 def build_engine(model: nn.Module, stage: StageConfig, total_steps: int, load_universal: bool = False):
     """deepspeed.initialize with a torch AdamW and a LambdaLR; returns the engine."""
     import deepspeed
@@ -110,9 +95,6 @@ def build_engine(model: nn.Module, stage: StageConfig, total_steps: int, load_un
     config = deepspeed_config(stage)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
-    if stage.zero_stage == 3 and not getattr(model, "_evip_output_hook", False):
-        model.register_forward_hook(_output_as_dict)   # before initialize: runs before DeepSpeed's hook
-        model._evip_output_hook = True
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
     return engine
 

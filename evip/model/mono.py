@@ -11,7 +11,6 @@ ffn_norm, feed_forward, feed_forward_ve}.*`, `norm`, `output` (absent when the h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,14 +31,26 @@ from evip.model.vision import PatchEmbedding, build_projector, shuffle_patches
 INIT_STD = 0.02
 
 
-@dataclass
-class ModelOutput:
-    logits: Optional[torch.Tensor]                   # [B, T, V], model dtype; None if return_logits=False
-    loss: Optional[torch.Tensor] = None              # mean CE over labelled positions
-    loss_sum: Optional[torch.Tensor] = None          # fp32 scalar
-    num_tokens: Optional[torch.Tensor] = None        # int64 scalar
-    kind_loss_sum: Optional[torch.Tensor] = None     # fp32 [3]: caption, chat, text (0 without kind_ids)
-    kind_num_tokens: Optional[torch.Tensor] = None   # int64 [3]
+class ModelOutput(dict):
+    """The forward's result: a dict with attribute access (`out.loss`), like HF's ModelOutput.
+
+    A dict and not a dataclass because DeepSpeed ZeRO-3 walks dicts, tuples and lists of a
+    module's output to hook the backward pass: tensors inside a dataclass are hidden from it."""
+
+    def __init__(self, logits: Optional[torch.Tensor] = None,     # [B, T, V]; None if return_logits=False
+                 loss: Optional[torch.Tensor] = None,             # mean CE over labelled positions
+                 loss_sum: Optional[torch.Tensor] = None,         # fp32 scalar
+                 num_tokens: Optional[torch.Tensor] = None,       # int64 scalar
+                 kind_loss_sum: Optional[torch.Tensor] = None,    # fp32 [3]: caption, chat, text
+                 kind_num_tokens: Optional[torch.Tensor] = None):  # int64 [3]
+        super().__init__(logits=logits, loss=loss, loss_sum=loss_sum, num_tokens=num_tokens,
+                         kind_loss_sum=kind_loss_sum, kind_num_tokens=kind_num_tokens)
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class MonoInternVL(nn.Module):
