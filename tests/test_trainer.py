@@ -56,3 +56,19 @@ def test_stage_length_in_tokens_and_timed_checkpoints(tmp_path, monkeypatch):
     assert counters.step == 4 and counters.tokens == 128
     ckpt = tmp_path / "stages" / "0_s1_1_concept" / "ckpt"
     assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+
+
+def test_grad_norm_reported_under_zero0_equals_zero2(tmp_path, monkeypatch):
+    """DeepSpeed reports no global grad norm under ZeRO-0; ours (pre-clip, like DeepSpeed's) must
+    equal what ZeRO-2 reports for the same first step (same weights, same batch)."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv(NAN_HOOK, raising=False)
+    norms = {}
+    for zero in (0, 2):
+        lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", f"stages_all.zero_stage={zero}",
+                                  "s1_1_concept.steps=2"])
+        lp.stages = lp.stages[:1]
+        run_pipeline(lp, tmp_path / f"z{zero}", loader_factory=generated_factory)
+        recs = [json.loads(l) for l in (tmp_path / f"z{zero}" / "metrics.jsonl").read_text().splitlines()]
+        norms[zero] = [r["grad_norm"] for r in recs if r.get("kind") == "train"]
+    assert norms[0][0] > 0 and norms[0][0] == pytest.approx(norms[2][0], rel=1e-5)
