@@ -1,5 +1,6 @@
 """The demo pipeline for real, shortened: the real SmolLM2-135M-Instruct upcycled, the demo data,
-all four EViP stages through `evip run`, then `evip report --heldout`.
+all four EViP stages through `evip run`, then `evip report --heldout`, `evip generate` and
+`evip export`.
 
 Asserts the paper's claim the demo exists to show: with the LLM frozen (S1.1, S1.2) the text-only
 loss on a real corpus is bit-identical to the base LLM's while the caption loss falls; S1.3 and S2
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from evip.report import read_metrics
 
@@ -58,3 +60,20 @@ def test_demo_pipeline_short(tmp_path, smollm2_path):
     assert "held-out accuracy" in out
     for name in ("loss", "forgetting", "throughput", "data_wait"):
         assert (run / "report" / f"{name}.png").stat().st_size > 10_000
+
+    # the final model answers from its latest weights, deterministically ...
+    image = sorted((data / "heldout" / "images").glob("*.png"))[0]
+    ask = ("generate", "--run-dir", str(run), "--image", str(image), "--prompt", "Describe the image.",
+           "--max-new-tokens", "8")
+    answer = call(*ask)
+    assert answer.strip() and call(*ask) == answer
+    # ... and exports to the Mono-InternVL-2B layout, which reloads with the run's final weights
+    from safetensors.torch import load_file
+
+    from evip.model.weights import load_mono2b
+
+    call("export", str(run), str(tmp_path / "export"), "--dtype", "fp32")
+    model, _ = load_mono2b(tmp_path / "export")
+    final = load_file(run / "stages" / "3_s2_instruct" / "model.safetensors")
+    exported = model.state_dict()
+    assert set(exported) == set(final) and all(torch.equal(exported[k], final[k]) for k in final)
