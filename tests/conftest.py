@@ -1,6 +1,8 @@
 """Shared fixtures: tiny configs and the real offline assets. Everything runs on CPU."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,6 +19,17 @@ def tiny_model_config(**overrides) -> ModelConfig:
                img_context_token_id=127, pad_token_id=0)
     cfg.update(overrides)
     return ModelConfig(**cfg)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process runs set RANK/WORLD_SIZE/MASTER_PORT... for DeepSpeed (evip.distributed): restore the
+    environment after each test, so later subprocesses are not taken for torchrun workers of a group
+    whose port this process still holds."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture

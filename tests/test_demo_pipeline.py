@@ -28,7 +28,10 @@ SHORT = ["s1_1_concept.steps=4", "s1_2_semantic.steps=4", "s1_3_alignment.steps=
 @pytest.mark.slow
 def test_demo_pipeline_short(tmp_path, smollm2_path):
     data, run = tmp_path / "data", tmp_path / "run"
-    env = {**os.environ, "EVIP_DEMO_DATA": str(data)}
+    # a lone process: drop what an in-process run earlier in this session left for DeepSpeed
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC_")},
+           "EVIP_DEMO_DATA": str(data)}
     cli = [sys.executable, "-m", "evip.cli"]
 
     def call(*args):
