@@ -179,6 +179,20 @@ def run_tokenizer(run_dir: str | Path):
     return tok
 
 
+def stage_sample_config(weights: RunWeights):
+    """`data.sample` of the weights' stage (the base: of the first stage), None if not found."""
+    from evip.config import load_config
+    from evip.stages import StageConfig
+
+    d = weights.stage_dir
+    if d is None:
+        dirs = stage_dirs(weights.run_dir)
+        d = dirs[0] if dirs else None
+    if d is None or not (d / "stage.yaml").is_file():
+        return None
+    return load_config(StageConfig, d / "stage.yaml").data.sample
+
+
 @dataclass
 class Prompt:
     input_ids: torch.Tensor        # [1, T]
@@ -194,7 +208,7 @@ class PromptBuilder:
         from evip.data.sample import SampleBuilder, SampleConfig
         from evip.model.tokens import IM_END
 
-        sample_cfg = self._stage_sample_config(weights) or SampleConfig()
+        sample_cfg = stage_sample_config(weights) or SampleConfig()
         cfg = weights.model_cfg
         # chat template (the stage may train captions), no filters, room for any prompt
         sample_cfg = dataclasses.replace(sample_cfg, template="", filters=FilterConfig(),
@@ -203,20 +217,6 @@ class PromptBuilder:
         self.max_len = cfg.max_position_embeddings
         im_end = tokenizer.convert_tokens_to_ids(IM_END) if IM_END in tokenizer.get_vocab() else None
         self.stop_id = im_end if im_end is not None else tokenizer.eos_token_id
-
-    @staticmethod
-    def _stage_sample_config(weights: RunWeights):
-        """`data.sample` of the weights' stage (the base: of the first stage), None if not found."""
-        from evip.config import load_config
-        from evip.stages import StageConfig
-
-        d = weights.stage_dir
-        if d is None:
-            dirs = stage_dirs(weights.run_dir)
-            d = dirs[0] if dirs else None
-        if d is None or not (d / "stage.yaml").is_file():
-            return None
-        return load_config(StageConfig, d / "stage.yaml").data.sample
 
     def build(self, text: str, images: Sequence[bytes] = (), image_names: Sequence[str] = ()) -> Prompt:
         from evip.batch import IGNORE_INDEX

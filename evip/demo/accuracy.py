@@ -142,41 +142,36 @@ def heldout_accuracy(model, builder, questions_path: str | Path, limit: int | No
 
 def final_stage_dir(run_dir: Path) -> Path:
     """The last finished stage of a run (stages/<i>_<name>/ with DONE, highest i)."""
-    done = sorted((p for p in (Path(run_dir) / "stages").glob("*/DONE")),
-                  key=lambda p: int(p.parent.name.split("_", 1)[0]))
+    from evip.checkpoint import DONE
+    from evip.inference import stage_dirs
+
+    done = [d for d in stage_dirs(Path(run_dir)) if (d / DONE).is_file()]
     if not done:
         raise FileNotFoundError(f"{run_dir}/stages has no finished stage (no DONE file): run "
                                 "`evip run` to the end of a stage first")
-    return done[-1].parent
+    return done[-1]
 
 
 def run_accuracy(run_dir: str | Path, questions_path: str | Path, limit: int | None = None) -> AccuracyResult:
     """Held-out accuracy of a run's latest finished stage; also written to RUN_DIR/accuracy.json.
 
-    The model is rebuilt from the stage's consolidated weights, the tokenizer is the run's
-    (base/tokenizer), and samples are built with that stage's `data.sample` settings (chat
-    template, system prompt, tiles) without its filters.
+    The model is rebuilt from the stage's consolidated weights, the tokenizer is the run's, and
+    samples are built with that stage's `data.sample` settings (chat template, system prompt,
+    tiles) without its filters: the same run-directory readers as `evip generate` (evip/inference.py).
     """
-    from transformers import AutoTokenizer
-
-    from evip.checkpoint import WEIGHTS, build_from_weights
-    from evip.config import load_config
     from evip.data.filters import FilterConfig
     from evip.data.sample import SampleBuilder
-    from evip.model.config import ModelConfig
-    from evip.stages import StageConfig
+    from evip.inference import latest_weights, run_tokenizer, stage_sample_config
 
     run_dir = Path(run_dir)
     stage_dir = final_stage_dir(run_dir)
-    model_cfg = ModelConfig(**json.loads((run_dir / "base" / "model_config.json").read_text()))
-    tok_dir = run_dir / "base" / "tokenizer"
-    if not tok_dir.is_dir():
-        raise FileNotFoundError(f"{tok_dir} not found: held-out accuracy needs the run's tokenizer "
-                                "(a pipeline whose base is a pretrained LLM saves it there)")
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    stage = load_config(StageConfig, stage_dir / "stage.yaml")
-    sample_cfg = dataclasses.replace(stage.data.sample, filters=FilterConfig())
-    model = build_from_weights(model_cfg, stage_dir / WEIGHTS)
+    weights = latest_weights(run_dir, stage=stage_dir.name)
+    tokenizer = run_tokenizer(run_dir)
+    sample_cfg = stage_sample_config(weights)
+    if sample_cfg is None:
+        raise FileNotFoundError(f"{stage_dir / 'stage.yaml'} not found: the stage's sample settings are needed")
+    sample_cfg = dataclasses.replace(sample_cfg, filters=FilterConfig())
+    model, model_cfg = weights.build(), weights.model_cfg
     result = heldout_accuracy(model, SampleBuilder(sample_cfg, tokenizer, model_cfg), questions_path, limit)
     out = result.to_dict() | {"stage": stage_dir.name, "questions": str(questions_path),
                               "method": "option log-likelihood (sum over answer tokens + <|im_end|>)"}
