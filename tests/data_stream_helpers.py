@@ -59,23 +59,11 @@ _TOK = {}
 
 
 def real_tokenizer():
-    """SmolLM2's tokenizer with the image tokens (evip.model.tokens.load_tokenizer; while that still
-    passes transformers 4's `replace_additional_special_tokens`, the same tokens added by hand)."""
+    """SmolLM2's real tokenizer with the image tokens (evip.model.tokens.load_tokenizer), loaded once."""
     if "tok" not in _TOK:
-        import inspect
-
-        from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
         from evip.assets import smollm2_gguf
-        from evip.model.tokens import SPECIAL_TOKENS, load_tokenizer
-        path = Path(smollm2_gguf())
-        if "replace_additional_special_tokens" in inspect.signature(
-                PreTrainedTokenizerBase.add_special_tokens).parameters:
-            _TOK["tok"] = load_tokenizer(path)
-        else:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS}, replace_extra_special_tokens=False)
-            _TOK["tok"] = tok
+        from evip.model.tokens import load_tokenizer
+        _TOK["tok"] = load_tokenizer(smollm2_gguf())
     return _TOK["tok"]
 
 

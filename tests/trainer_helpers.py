@@ -74,14 +74,9 @@ def prepared_tokenizer(base_temp: Path) -> Path:
     """SmolLM2's real tokenizer with the image tokens, saved once per session as an HF directory."""
     out = Path(base_temp) / "smollm2_tokenizer"
     if not (out / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
         from evip.assets import smollm2_gguf
-        from evip.model.tokens import SPECIAL_TOKENS
-        g = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
-        tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-        tok.save_pretrained(str(out))
+        from evip.model.tokens import load_tokenizer
+        load_tokenizer(smollm2_gguf()).save_pretrained(str(out))
     return out
 
 
