@@ -127,6 +127,27 @@ def stage_dir(run_dir: Path, index: int, stage: StageConfig) -> Path:
     return run_dir / "stages" / f"{index}_{stage.name}"
 
 
+def random_base_config(lp: LoadedPipeline):
+    """(ModelConfig, tokenizer or None) of a random base: the pipeline's model config; with
+    base.tokenizer, the vocabulary and special token ids follow that tokenizer."""
+    cfg = model_config(lp.cfg, str(lp.path))
+    if not lp.cfg.base.tokenizer:
+        return cfg, None
+    from evip.model.tokens import IMG_CONTEXT, load_tokenizer as load
+    tok = load(lp.cfg.base.tokenizer)
+    return dataclasses.replace(cfg, vocab_size=len(tok), img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT),
+                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0), tok
+
+
+def base_source(lp: LoadedPipeline) -> Path:
+    """base.source of a pretrained base, checked to exist."""
+    path = Path(lp.cfg.base.source)
+    if not path.exists():
+        raise ConfigError(f"'base.source' in {lp.path}: {path} does not exist (an HF model directory, a .gguf "
+                          f"file, or 'random')")
+    return path
+
+
 def prepare_base(lp: LoadedPipeline, run_dir: Path, rank: int):
     """Materialise base/model.safetensors + model_config.json once (rank 0); return the ModelConfig."""
     from evip.model.config import ModelConfig
@@ -138,21 +159,12 @@ def prepare_base(lp: LoadedPipeline, run_dir: Path, rank: int):
         b = lp.cfg.base
         if b.source == "random":
             from evip.model.mono import MonoInternVL
-            mcfg = model_config(lp.cfg, str(lp.path))
-            tok = None
-            if b.tokenizer:   # the vocabulary and special token ids follow the tokenizer
-                from evip.model.tokens import IMG_CONTEXT, load_tokenizer as load
-                tok = load(b.tokenizer)
-                mcfg = dataclasses.replace(mcfg, vocab_size=len(tok), img_context_token_id=tok.convert_tokens_to_ids(
-                    IMG_CONTEXT), pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+            mcfg, tok = random_base_config(lp)
             torch.manual_seed(b.seed)
             model = MonoInternVL(mcfg)
         else:
             from evip.model.weights import load_pretrained_llm
-            if not Path(b.source).exists():
-                raise ConfigError(f"'base.source' in {lp.path}: {b.source} does not exist "
-                                  f"(an HF model directory, a .gguf file, or 'random')")
-            model, tok = load_pretrained_llm(b.source, vision=lp.cfg.model, seed=b.seed,
+            model, tok = load_pretrained_llm(base_source(lp), vision=lp.cfg.model, seed=b.seed,
                                              tokenizer=b.tokenizer or None)
         if tok is not None:
             tok.save_pretrained(str(base_dir / "tokenizer"))
@@ -242,17 +254,9 @@ def planned_model_config(lp: LoadedPipeline):
     from evip.model.tokens import SPECIAL_TOKENS
     b, where = lp.cfg.base, str(lp.path)
     if b.source == "random":
-        cfg = model_config(lp.cfg, where)
-        if b.tokenizer:
-            from evip.model.tokens import IMG_CONTEXT, load_tokenizer as load
-            tok = load(b.tokenizer)
-            cfg = dataclasses.replace(cfg, vocab_size=len(tok), img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
-        return cfg
+        return random_base_config(lp)[0]
     from evip.model.hf_config import model_config_from_hf
-    path = Path(b.source)
-    if not path.exists():
-        raise ConfigError(f"'base.source' in {where}: {path} does not exist (an HF model directory, a .gguf file, "
-                          f"or 'random')")
+    path = base_source(lp)
     if path.suffix == ".gguf":
         from transformers import AutoConfig
         hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
