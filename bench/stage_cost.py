@@ -140,7 +140,7 @@ def make_step(args, name: str, weights: Path):
 
 def child(args) -> dict:
     """Peak memory of one configuration, alone in this process."""
-    from evip.pipeline import init_distributed
+    from evip.distributed import init_distributed
     init_distributed()
     step = make_step(args, args.child, Path(args.weights))
     timed(step, 3)
@@ -191,7 +191,7 @@ def main() -> None:
     # step times: every configuration in this one process, interleaved step by step
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(29300 + os.getpid() % 300)})
-    from evip.pipeline import init_distributed
+    from evip.distributed import init_distributed
     init_distributed()
     steps = {name: make_step(args, name, weights) for name in ("s1_1", "s2", "zero0", "bare")}
     times = {name: [] for name in steps}

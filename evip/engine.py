@@ -55,7 +55,7 @@ def deepspeed_config(stage: StageConfig) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": stage.grad_accum,
-        "gradient_clipping": stage.clip_grad,
+        "gradient_clipping": 0.0 if guarded(stage) else stage.clip_grad,   # GuardedAdamW clips
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": stage.zero_stage},
@@ -68,19 +68,33 @@ def deepspeed_config(stage: StageConfig) -> dict:
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """torch AdamW that skips a step whose gradients are not all finite and says so in `overflow`,
-    the attribute DeepSpeed reads to count a skipped step (and not advance the LR schedule). Used
-    under ZeRO-0 fp32, where DeepSpeed hands the grads straight to the optimizer; ZeRO-1/2/3 and
-    bf16 wrap the optimizer in their own which skips non-finite steps the same way."""
+    """torch AdamW that clips its gradients itself and skips a step whose gradients are not all
+    finite, saying so in `overflow`, the attribute DeepSpeed reads to count a skipped step (and not
+    advance the LR schedule). Used under ZeRO-0 fp32, where DeepSpeed hands the grads straight to
+    the optimizer (and computes no norm it would report): one fused pass gives the global norm
+    (`grad_norm`, before clipping), the finiteness check and the clip, where DeepSpeed's clip plus
+    a separate check walked the gradients three times. ZeRO-1/2/3 and bf16 wrap the optimizer in
+    their own, which clips, reports the norm and skips non-finite steps the same way."""
 
     overflow = False
 
+    def __init__(self, params, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.grad_norm: float | None = None
+
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(x).all() for x in grads]).all())
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return super().step(closure)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        self.grad_norm = float(norm)
+        self.overflow = not math.isfinite(self.grad_norm)
         if self.overflow:
             return None
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm, foreach=True)
         return super().step(closure)
 
 
@@ -88,15 +102,26 @@ def build_engine(model: nn.Module, stage: StageConfig, total_steps: int, load_un
     """deepspeed.initialize with a torch AdamW and a LambdaLR; returns the engine."""
     import deepspeed
 
-    opt_cls = GuardedAdamW if stage.zero_stage == 0 and stage.precision == "fp32" else torch.optim.AdamW
-    opt = opt_cls(param_groups(model, stage.optim.weight_decay), lr=stage.optim.lr,
-                            betas=tuple(stage.optim.betas), eps=stage.optim.eps)
+    groups = param_groups(model, stage.optim.weight_decay)
+    kwargs = dict(lr=stage.optim.lr, betas=tuple(stage.optim.betas), eps=stage.optim.eps)
+    own_optimizer = guarded(stage)
+    opt = GuardedAdamW(groups, stage.clip_grad, **kwargs) if own_optimizer else torch.optim.AdamW(groups, **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage.schedule, total_steps))
     config = deepspeed_config(stage)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    if stage.zero_stage == 0 and engine.dp_world_size == 1:
+        # alone, DeepSpeed's ZeRO-0 all-reduce still flattens every gradient into a bucket and
+        # copies it back (a tenth of a small model's step): skip it, as DeepSpeed does without a
+        # process group
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def guarded(stage: StageConfig) -> bool:
+    """Whether the stage's optimizer is our GuardedAdamW (it clips and reports the grad norm)."""
+    return stage.zero_stage == 0 and stage.precision == "fp32"
 
 
 def current_lr(engine) -> float:

@@ -176,7 +176,6 @@ class StageTrainer:
         # on the device, read once per step: loss_sum, ntok, kind_loss[3], kind_ntok[3], tokens, samples, nonfinite
         acc = torch.zeros(11, dtype=torch.float64, device=self.device)
         wait = 0.0
-        own_norm = None
         for _ in range(self.stage.grad_accum):
             t = time.perf_counter()
             batch = next(data_iter)
@@ -185,8 +184,6 @@ class StageTrainer:
             out = engine(**batch)
             loss = out.loss * float("nan") if poison else out.loss
             engine.backward(loss)
-            if self.stage.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
-                own_norm = _grad_norm(engine.module)   # DeepSpeed reports no norm under ZeRO-0
             engine.step()
             acc[0] += out.loss_sum.detach().double() * (float("nan") if poison else 1.0)
             acc[1] += out.num_tokens.double()
@@ -198,7 +195,9 @@ class StageTrainer:
         acc[:8] = torch.nan_to_num(acc[:8], nan=0.0, posinf=0.0, neginf=0.0)
         acc = _all_reduce(acc).cpu()
         grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else own_norm if own_norm is not None else 0.0
+        if grad_norm is None:       # ZeRO-0 fp32: DeepSpeed computes none, our GuardedAdamW does
+            grad_norm = getattr(engine.optimizer, "grad_norm", None)
+        grad_norm = float(grad_norm) if grad_norm is not None else 0.0
         if not engine.was_step_applied():
             acc[10] = max(acc[10].item(), 1.0)
         kinds = {k: (acc[2 + i] / acc[5 + i]).item() if acc[5 + i] > 0 else None
@@ -235,8 +234,3 @@ class StageTrainer:
         self.engine = None
         self.loader = None
 
-
-def _grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the (already all-reduced, not yet clipped) gradients of a ZeRO-0 engine."""
-    norms = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
