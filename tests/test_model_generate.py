@@ -52,6 +52,23 @@ def test_cached_step_logits_equal_full_forward(model, prompt):
     assert cache.length == ids.shape[1] + 3
 
 
+def test_repeated_cache_decodes_continuations_side_by_side(model, prompt):
+    """A one-row prompt cache repeated to 3 rows: 3 continuations in one batch give the logits of
+    full forwards over prompt + each continuation; a wrong batch size is refused."""
+    ids, pixels = prompt
+    rest = torch.tensor([[5, 17, 42], [9, 9, 3], [42, 5, 17]])
+    cache = model.new_kv_cache(ids.shape[1] + 3)
+    with torch.no_grad():
+        model(ids, pixel_values=pixels, kv_cache=cache)
+        side = model(rest, kv_cache=cache.repeat(3)).logits
+        for i in range(3):
+            full = model(torch.cat([ids, rest[i:i + 1]], dim=1), pixel_values=pixels).logits[0, -3:]
+            torch.testing.assert_close(side[i], full, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="takes B=1"):
+            model(rest, kv_cache=cache)
+    assert cache.length == ids.shape[1]
+
+
 def test_image_conditions_generation(model, prompt):
     ids, pixels = prompt
     a = model.generate(ids, pixels, max_new_tokens=8)

@@ -105,7 +105,8 @@ class ModelOptionScorer:
     @torch.no_grad()
     def __call__(self, question: dict, image: bytes) -> list[float]:
         """The prompt (everything before the first trained token, shared by all options) runs once
-        into a KV cache; each option then costs only its own few tokens (the cache is rewound)."""
+        into a KV cache; the options then run side by side as one batch continuing that cache,
+        right-padded to the longest (causal attention: padding after an option cannot change it)."""
         samples = self.samples(question, image)
         starts = [int((s.labels != IGNORE_INDEX).nonzero()[0]) for s in samples]
         p = min(starts)
@@ -114,6 +115,12 @@ class ModelOptionScorer:
             raise ValueError(f"question {question.get('id')}: the options' prompts differ; the chat "
                              "template must put the question before the answer")
         ends = [int((s.labels != IGNORE_INDEX).nonzero()[-1]) + 1 for s in samples]
+        width = max(ends) - p
+        rest = torch.zeros(len(samples), width, dtype=prompt.dtype)
+        trained = torch.zeros(len(samples), width, dtype=torch.bool)
+        for i, (s, end) in enumerate(zip(samples, ends)):
+            rest[i, :end - p] = s.input_ids[p:end]
+            trained[i, :end - p] = s.labels[p:end] != IGNORE_INDEX
         was_training = self.model.training
         self.model.eval()
         try:
@@ -121,17 +128,13 @@ class ModelOptionScorer:
             # pixels as the builder made them (uint8 or normalised float: the model takes both)
             last = self.model(prompt[None], pixel_values=samples[0].pixel_values,
                               kv_cache=cache).logits[0, -1:].float()
-            scores = []
-            for s, end in zip(samples, ends):
-                cache.length = p                                   # rewind to the shared prompt
-                rest = s.input_ids[p:end]
-                logits = torch.cat([last, self.model(rest[None], kv_cache=cache).logits[0, :-1].float()])
-                logp = torch.log_softmax(logits, dim=-1)
-                trained = s.labels[p:end] != IGNORE_INDEX
-                scores.append(float(logp.gather(-1, rest[:, None]).squeeze(-1)[trained].sum()))
+            logits = self.model(rest, kv_cache=cache.repeat(len(samples))).logits[:, :-1].float()
+            logits = torch.cat([last.expand(len(samples), 1, -1), logits], dim=1)
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, rest[..., None]).squeeze(-1)
+            scores = (logp * trained).sum(dim=1)
         finally:
             self.model.train(was_training)
-        return scores
+        return [float(x) for x in scores]
 
 
 def heldout_accuracy(model, builder, questions_path: str | Path, limit: int | None = None) -> AccuracyResult:

@@ -30,3 +30,18 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    def repeat(self, batch: int) -> "KVCache":
+        """A cache of `batch` rows, each starting with this one-row cache's positions: several
+        continuations of one shared prompt, decoded side by side (one read of the weights)."""
+        if self.batch != 1:
+            raise ValueError(f"repeat() copies a one-row cache, this one has {self.batch} rows")
+        out = KVCache.__new__(KVCache)
+        out.k = [x.expand(batch, -1, -1, -1).clone() for x in self.k]
+        out.v = [x.expand(batch, -1, -1, -1).clone() for x in self.v]
+        out.max_len, out.length = self.max_len, self.length
+        return out

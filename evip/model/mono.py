@@ -145,8 +145,8 @@ class MonoInternVL(nn.Module):
 
         `return_logits=False` (with labels): the head runs only on the labelled positions and
         `logits` is None; same loss and gradients, without the [B, T, vocab] tensor (training).
-        With `kv_cache` (generation, B=1) the tokens continue the cached ones and positions
-        default to follow them."""
+        With `kv_cache` (generation; B = the cache's rows) the tokens continue the cached ones and
+        positions default to follow them."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got {list(input_ids.shape)}")
         b, t = input_ids.shape
@@ -164,8 +164,9 @@ class MonoInternVL(nn.Module):
         if kv_cache is None:
             ctx = packed_context(seq_ids, choose_impl(self.cfg.attn_impl, h.dtype, h.device))
         else:
-            if b != 1:
-                raise ValueError(f"decoding with a KV cache takes one sample (B=1), got B={b}")
+            if b != kv_cache.batch:
+                raise ValueError(f"decoding with a KV cache of {kv_cache.batch} rows takes B={kv_cache.batch}, "
+                                 f"got B={b}")
             ctx = cached_context(t, past, h.device)
         h = self.decode(h, image_mask, position_ids, ctx, kv_cache)
         if kv_cache is not None:
