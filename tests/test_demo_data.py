@@ -139,3 +139,22 @@ def test_cli_demo_data(tmp_path):
     assert main(["demo-data", str(tmp_path), "--n-s1-1", "5", "--n-s1-2", "5", "--n-s1-3", "5",
                  "--n-s2", "5", "--n-heldout", "5"]) == 0
     assert json.loads((tmp_path / "manifest.json").read_text())["counts"]["s1_1"] == 5
+
+
+def test_heldout_question_kinds_do_not_follow_the_scene_layout():
+    """Texts draw from their own stream (tasks.text_rng), not the one that drew the scene: drawn
+    from Random(scene seed), the question kind followed the scene's draws (52 of 100 held-out
+    questions were counts). Each kind (3 or 4 possible per scene) now takes a fair share, and
+    every kind is asked of scenes with 1 to 4 shapes."""
+    from collections import Counter, defaultdict
+    kinds, sizes = Counter(), defaultdict(set)
+    for i in range(400):
+        s = scene_seed(0, "heldout", i)
+        _, scene = render_scene(s)
+        q = tasks.heldout_question(scene, tasks.text_rng(s))
+        kinds[q["kind"]] += 1
+        sizes[q["kind"]].add(len(scene.objects))
+    for kind in ("colour", "position", "count"):
+        assert 0.2 <= kinds[kind] / 400 <= 0.4, kinds
+        assert sizes[kind] == {1, 2, 3, 4}, (kind, sizes[kind])
+    assert 0.05 <= kinds["word"] / 400 <= 0.3, kinds

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,7 +73,7 @@ def _caption_samples(cfg: DemoDataConfig, split: str, n: int, exact: bool):
     for i in range(n):
         s = scene_seed(cfg.seed, split, i)
         image, scene = render_scene(s, cfg.image_size)
-        rng = random.Random(s)
+        rng = tasks.text_rng(s)
         txt = tasks.dense_caption(scene) if exact else tasks.noisy_alt_text(scene, rng)
         meta = {"key": f"{split}_{i:07d}", "caption": txt, "width": cfg.image_size,
                 "height": cfg.image_size, "scene": scene.to_dict()}
@@ -93,15 +92,14 @@ def _write_chats(out: Path, split: str, cfg: DemoDataConfig, n: int, offset: int
             key = f"{split}_{i:07d}"
             image.save(out / "images" / f"{key}.png", compress_level=1)
             record = {"id": key, "image": f"images/{key}.png",
-                      "conversations": make_turns(scene, random.Random(s))}
+                      "conversations": make_turns(scene, tasks.text_rng(s))}
             f.write(json.dumps(record) + "\n")
     return name
 
 
-def _task_turns(scene, rng):
-    task, question, answer = tasks.task_sample(scene, rng)
-    return [{"from": "human", "value": f"{tasks.IMAGE}\n{question}"},
-            {"from": "gpt", "value": answer}]
+def _task_turns(scene, rng, n: int = 2):
+    """Up to n different tasks about one image (its tokens then serve several answers)."""
+    return tasks.conversation(tasks.task_sample(scene, rng)[1:] for _ in range(n))
 
 
 def _write_heldout(out: Path, cfg: DemoDataConfig) -> None:
@@ -112,7 +110,7 @@ def _write_heldout(out: Path, cfg: DemoDataConfig) -> None:
         image, scene = render_scene(s, cfg.image_size)
         key = f"heldout_{i:07d}"
         image.save(out / "images" / f"{key}.png", compress_level=1)
-        q = tasks.heldout_question(scene, random.Random(s))
+        q = tasks.heldout_question(scene, tasks.text_rng(s))
         questions.append({"id": key, "image": f"images/{key}.png", **q})
     (out / "questions.json").write_text(json.dumps(questions, indent=1))
 

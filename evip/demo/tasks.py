@@ -7,7 +7,8 @@
 - S2 instruction tuning: multi-turn LLaVA-format conversations.
 - Held-out multiple-choice questions for the final accuracy (evip/demo/accuracy.py).
 
-Every function takes a `random.Random` so that a seed fixes the text as well as the picture.
+Every function takes a `random.Random` so that a seed fixes the text as well as the picture
+(`text_rng`: a stream of its own, not the one that drew the scene).
 """
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ JUNK_TAGS = ("stock photo", "free download", "vector clipart", "hd wallpaper", "
 SHORT_ANSWER = "Answer with a single word."
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
          "bottom": "at the bottom", "centre": "in the centre"}
+
+
+def text_rng(scene_seed: int) -> random.Random:
+    """The random stream for a scene's texts. Not `Random(scene_seed)`: that replays the draws that
+    made the scene, so the text choices would follow its layout (e.g. the question kind would
+    follow the number of shapes)."""
+    return random.Random(f"text:{scene_seed}")
 
 
 def _plural(shape: str, n: int) -> str:
@@ -102,8 +110,9 @@ def task_sample(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
 
 
 def _chat_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A free-form turn: a description, a colour, a place, a count, text or presence, in sentences."""
     o = rng.choice(scene.objects)
-    kind = rng.randrange(8)
+    kind = rng.randrange(6)
     if kind == 0:
         return "Describe the image.", dense_caption(scene)
     if kind == 1:
@@ -117,24 +126,32 @@ def _chat_turn(scene: Scene, rng: random.Random) -> tuple[str, str]:
         return "Is there any text in the image?", f'Yes, the word "{scene.word.text}".'
     if kind == 4:
         return "Is there any text in the image?", "No, there is no text in the image."
-    if kind in (5, 6):               # short answers, as in LLaVA-665k
-        short = short_question(scene, rng)
-        return short["question"], short["options"][short["answer"]]
     return f"Is there a {o.shape} in the image?", f"Yes, there is a {o.name} {WHERE[o.position]}."
 
 
-def chat(scene: Scene, rng: random.Random, max_turns: int = 3) -> list[dict]:
-    """S2: a LLaVA-format conversation; the first human turn carries the `<image>` placeholder."""
-    turns = []
-    asked = set()
-    for _ in range(rng.randint(1, max_turns)):
-        q, a = _chat_turn(scene, rng)
-        if q in asked:
-            continue
-        asked.add(q)
-        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+def conversation(pairs) -> list[dict]:
+    """LLaVA-format turns from (question, answer) pairs: a repeated question is dropped, and the
+    first human turn carries the `<image>` placeholder."""
+    turns, asked = [], set()
+    for q, a in pairs:
+        if q not in asked:
+            asked.add(q)
+            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
     turns[0]["value"] = f"{IMAGE}\n{turns[0]['value']}"
     return turns
+
+
+def chat(scene: Scene, rng: random.Random, max_turns: int = 4) -> list[dict]:
+    """S2: a LLaVA-format conversation of 2 to max_turns turns about one image.
+
+    As in LLaVA-665k, most turns are short answers ("Answer with a single word.") and some are
+    free-form sentences; one image serves every turn, so a chat teaches several facts per image."""
+    def turn() -> tuple[str, str]:
+        if rng.random() < 0.7:
+            short = short_question(scene, rng)
+            return short["question"], short["options"][short["answer"]]
+        return _chat_turn(scene, rng)
+    return conversation(turn() for _ in range(rng.randint(2, max_turns)))
 
 
 def short_question(scene: Scene, rng: random.Random) -> dict:
