@@ -56,6 +56,31 @@ def mean_loss(engine, batches) -> float:
     return (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
 
 
+def other_images(batch: dict, tokens_per_tile: int, img_context_id: int) -> torch.Tensor:
+    """The batch's pixel_values with every image replaced by the next image in the batch that has
+    as many tiles (cyclically), so each caption is scored against another picture with the same
+    token layout. An image is a run of <IMG_CONTEXT> tokens (images are delimited by <img> and
+    </img>, so runs never merge); tiles follow the images in row-major token order, as the model
+    reads them. An image with no same-size partner keeps its own tiles."""
+    ids = batch["input_ids"].reshape(-1)
+    is_img = (ids == img_context_id).to(torch.int8)
+    edges = torch.diff(is_img, prepend=is_img.new_zeros(1), append=is_img.new_zeros(1))
+    starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+    tiles = ((ends - starts) // tokens_per_tile).tolist()
+    first = [0]
+    for n in tiles:
+        first.append(first[-1] + n)
+    by_size: dict[int, list[int]] = {}
+    for i, n in enumerate(tiles):
+        by_size.setdefault(n, []).append(i)
+    pixels = batch["pixel_values"]
+    out = pixels.clone()
+    for n, images in by_size.items():
+        for a, b in zip(images, images[1:] + images[:1]):
+            out[first[a]:first[a] + n] = pixels[first[b]:first[b] + n]
+    return out
+
+
 def load_image(path: str, size: int) -> torch.Tensor:
     """One tile [1, 3, size, size], ImageNet-normalised."""
     import numpy as np
@@ -111,7 +136,13 @@ class Evaluator:
             from evip.data.loader import build_loader
             loader = build_loader(stage.eval.heldout_data, self.tok, self.model_cfg, self.rank, self.world_size)
             it = iter(loader)
-            values["heldout_caption_loss"] = mean_loss(engine, (next(it) for _ in range(stage.eval.heldout_batches)))
+            batches = [next(it) for _ in range(stage.eval.heldout_batches)]
+            values["heldout_caption_loss"] = mean_loss(engine, batches)
+            # the same captions, each under another picture: how much the model relies on the image
+            other = [b | {"pixel_values": other_images(b, self.model_cfg.tokens_per_tile,
+                                                       self.model_cfg.img_context_token_id)} for b in batches]
+            values["heldout_caption_loss_other_image"] = mean_loss(engine, other)
+            values["image_gain"] = values["heldout_caption_loss_other_image"] - values["heldout_caption_loss"]
         if stage.eval.caption_images and self.tok is not None:
             values["captions"] = self.captions(engine, stage)
         if self.metrics is not None:

@@ -1,6 +1,6 @@
 """A pipeline: a base LLM and the stages that turn it into a native MLLM, run in order.
 
-    cfg = load_pipeline("stages/pipeline_demo.yaml", ["s1_1_concept.steps=10", "seed=3"])
+    cfg = load_pipeline("demo/pipeline.yaml", ["s1_1_concept.steps=10", "seed=3"])
     run_pipeline(cfg, "runs/demo")
 
 Run directory:
@@ -12,8 +12,9 @@ Run directory:
 Running again on the same directory skips stages whose DONE exists and resumes the first
 unfinished one from its `latest` checkpoint.
 
-Overrides: `seed=1`, `base.source=...`, `model.<field>=...` go to the pipeline; `<stage name>.<key>=v`
-to that stage; `stages_all.<key>=v` to every stage.
+Overrides, in the order applied to a stage: the file's `stages_all: [key=v, ...]` (every stage), the
+stage's own `overrides`, then the command line's `stages_all.<key>=v` and `<stage name>.<key>=v`.
+Other command-line overrides (`seed=1`, `base.source=...`, `model.<field>=...`) go to the pipeline.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class PipelineConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     model: dict[str, Any] = field(default_factory=dict)   # ModelConfig fields (vision fields for an LLM)
     stages: list[StageRef] = field(default_factory=list)
+    stages_all: list[str] = field(default_factory=list)   # overrides of every stage, before its own
     seed: int = 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -95,7 +97,7 @@ def load_pipeline(path, overrides: Sequence[str] = ()) -> LoadedPipeline:
         file = (path.parent / ref.file).resolve()
         if not file.is_file():
             raise ConfigError(f"'stages.{i}.file' in {path}: stage file {file} not found")
-        stage = load_stage(file, [*ref.overrides, *per_stage[ref.name]])
+        stage = load_stage(file, [*cfg.stages_all, *ref.overrides, *per_stage[ref.name]])
         stages.append((stage, str(file)))
     return LoadedPipeline(cfg, path, stages)
 

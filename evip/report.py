@@ -15,7 +15,8 @@ Writes into RUN_DIR/report/ (or --out):
     throughput.png   tokens/s per step, coloured by stage
     data_wait.png    fraction of each step spent waiting for data
     summary.md       one row per stage: trainable parameters, steps, tokens, caption loss
-                     start -> end, text-only perplexity start -> end, time; then the accuracy
+                     start -> end, held-out caption loss with its own / another image,
+                     text-only perplexity start -> end, time; then the accuracy
 A run that was resumed has repeated step numbers in metrics.jsonl; the last record of a step wins.
 """
 from __future__ import annotations
@@ -269,17 +270,23 @@ def stage_row(s: StageMetrics) -> list[str]:
     ev_text = [v for e in s.evals if (v := _first(e, TEXT_LOSS_KEYS)) is not None]
     start = s.start_text_loss if s.start_text_loss is not None else (ev_text[0] if ev_text else None)
     text = (start, ev_text[-1]) if ev_text else (None, None)
+    last = s.evals[-1] if s.evals else {}
+    own, other = _first(last, CAPTION_LOSS_KEYS), _first(last, ("heldout_caption_loss_other_image",))
+    reliance = "-" if own is None or other is None else f"{own:.3f} / {other:.3f}"
     return [s.name, _fmt_params(s.trainable_params, s.total_params), str(s.steps), f"{s.tokens:,}",
-            f"{_start_end(*loss, 3)} ({label})", _start_end(*text, 4, exp=True), f"{s.seconds:.0f} s"]
+            f"{_start_end(*loss, 3)} ({label})", reliance, _start_end(*text, 4, exp=True), f"{s.seconds:.0f} s"]
 
 
 def summary_markdown(stages: list[StageMetrics], accuracy: dict | None) -> str:
     head = ["stage", "trainable params", "steps", "tokens", "caption loss start -> end",
-            "text-only perplexity start -> end", "time"]
+            "held-out caption loss: own / other image", "text-only perplexity start -> end", "time"]
     lines = ["# EViP run summary", "",
              "Caption loss: the held-out caption loss at the stage's first and last eval when there "
              "are two, else the training loss of the stage's main kind (caption; chat in "
              "instruction tuning) averaged over the first and last tenth of its steps (1-5 steps). "
+             "Own / other image: the held-out caption loss at the stage's last eval, and the same "
+             "captions each shown with another held-out picture; equal values mean the model does "
+             "not use the image yet. "
              "Text-only perplexity: exp(text-only loss) on a real corpus at the stage's start and at "
              "its last eval; '(identical)' means the two losses are equal bit for bit.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

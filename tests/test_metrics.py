@@ -53,6 +53,9 @@ def test_forgetting_monitor_and_evals(records):
     assert s13[-1]["text_loss_change_vs_base"] != 0.0                        # attention trained
     assert s13[0]["text_loss_change_vs_stage_start"] != 0.0
     assert all(math.isfinite(r["heldout_caption_loss"]) for r in evals)
+    for r in evals:                    # the same captions under other pictures: a different loss
+        assert math.isfinite(r["heldout_caption_loss_other_image"])
+        assert r["image_gain"] == r["heldout_caption_loss_other_image"] - r["heldout_caption_loss"] != 0.0
     assert s11[0]["heldout_caption_loss"] != s11[1]["heldout_caption_loss"]  # the visual side learns
     assert all(len(r["captions"]) == 1 and isinstance(r["captions"][0], str) for r in evals)
 

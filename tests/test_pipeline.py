@@ -76,3 +76,19 @@ def test_frozen_check_names_the_parameter():
     with pytest.raises(FrozenParameterChanged, match="layers.0.attention.wo.weight"):
         verify_frozen({"norm.weight": "a", "layers.0.attention.wo.weight": "b"},
                       {"norm.weight": "a", "layers.0.attention.wo.weight": "c"}, "s1_1_concept")
+
+
+def test_stages_all_in_the_file_comes_first_then_stage_overrides_then_the_command_line(tmp_path):
+    stages = TINY.parent
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(f"""name: order
+base: {{source: random}}
+stages_all: [steps=3, tokens=0, grad_accum=2, "optim.lr=1e-3", data.recipe=r.yaml]
+stages:
+  - {{name: a, file: {stages}/s1_1_concept.yaml, overrides: [steps=5]}}
+  - {{name: b, file: {stages}/s2_instruct.yaml}}
+""")
+    lp = load_pipeline(pipe, ["stages_all.grad_accum=4", "b.grad_accum=8"])
+    (a, _), (b, _) = lp.stages
+    assert (a.steps, a.grad_accum, a.optim.lr) == (5, 4, 1e-3)
+    assert (b.steps, b.grad_accum, b.optim.lr) == (3, 8, 1e-3)

@@ -48,7 +48,8 @@ def fake_run(run_dir, steps=6, resumed_stage=None):
                                    "chat": loss if kind == "chat" else None, "text": None}}
             metrics.log_step(name, c, stats, 1e-4, 0.5, 0.05 * (i + 1) * 0.5, steps, False)
         metrics.log_eval(name, steps, {"final": True, "text_loss": BASE_TEXT_LOSS + 0.1 * i if i > 1 else text_loss,
-                                       "heldout_caption_loss": 4.0 - i * 0.5 - 0.6})
+                                       "heldout_caption_loss": 4.0 - i * 0.5 - 0.6,
+                                       "heldout_caption_loss_other_image": 4.0 - i * 0.25 - 0.6})
     metrics.close()
     return cfg
 
@@ -79,14 +80,15 @@ def test_report_writes_plots_and_summary(tmp_path, capsys):
     assert cells[3][1].strip() == f"{sum(sizes.values()):,} (100%)"
     assert cells[0][2].strip() == "6" and cells[0][3].strip() == "3,072"
     ppl = f"{math.exp(BASE_TEXT_LOSS):.4f}"
-    assert cells[0][5].strip() == f"{ppl} -> {ppl} (identical)"
-    assert cells[1][5].strip() == f"{ppl} -> {ppl} (identical)"
-    assert "identical" not in cells[3][5]
+    assert cells[0][6].strip() == f"{ppl} -> {ppl} (identical)"
+    assert cells[1][6].strip() == f"{ppl} -> {ppl} (identical)"
+    assert "identical" not in cells[3][6]
+    assert cells[0][5].strip() == "3.400 / 3.400" and cells[3][5].strip() == "1.900 / 2.650"   # own / other image
     # one held-out eval per stage: the training loss of the first / last step window is shown
     assert cells[0][4].strip() == "3.900 -> 3.400 (caption)"
     assert cells[3][4].strip() == "2.400 -> 1.900 (chat)"
     ppl3 = f"{math.exp(BASE_TEXT_LOSS + 0.1):.4f} -> {math.exp(BASE_TEXT_LOSS + 0.2):.4f}"
-    assert cells[2][5].strip() == ppl3
+    assert cells[2][6].strip() == ppl3
     assert "Held-out accuracy" not in md
     assert "loss:" not in capsys.readouterr().err
 

@@ -129,6 +129,9 @@ def build_demo_data(out_dir: str | Path, cfg: DemoDataConfig | None = None) -> d
         # S1.3 captioning: indices [0, n) in shards; its task chats use indices [n, 2n).
         "s1_3": _write_shards(out / "s1_3", _caption_samples(cfg, "s1_3", cfg.n_s1_3, exact=True),
                               cfg.samples_per_shard),
+        # exact captions of the held-out scenes: the held-out caption loss and its other-image control
+        "heldout": _write_shards(out / "heldout", _caption_samples(cfg, "heldout", cfg.n_heldout, exact=True),
+                                 cfg.samples_per_shard),
     }
     jsonl = {
         "s1_3": "s1_3/" + _write_chats(out / "s1_3", "s1_3", cfg, cfg.n_s1_3, cfg.n_s1_3, _task_turns),
@@ -141,7 +144,8 @@ def build_demo_data(out_dir: str | Path, cfg: DemoDataConfig | None = None) -> d
         "jsonl": jsonl,
         "heldout": "heldout/questions.json",
         "counts": {"s1_1": cfg.n_s1_1, "s1_2": cfg.n_s1_2, "s1_3_captions": cfg.n_s1_3,
-                   "s1_3_tasks": cfg.n_s1_3, "s2": cfg.n_s2, "heldout": cfg.n_heldout},
+                   "s1_3_tasks": cfg.n_s1_3, "s2": cfg.n_s2, "heldout": cfg.n_heldout,
+                   "heldout_captions": cfg.n_heldout},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
