@@ -43,6 +43,8 @@ class CheckpointConfig:
     every_steps: int = 0            # 0: off
     every_minutes: float = 0.0      # 0: off
     keep_last: int = 2
+    keep_after_stage: bool = True   # False: drop the stage's checkpoints once its consolidated
+                                    # weights and DONE are written (a finished stage never resumes)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,8 @@ class StageTrainer:
         if c.rank == 0:
             ckpt.write_weights(state, c.stage_dir / ckpt.WEIGHTS)
             ckpt.write_atomic(c.stage_dir / ckpt.DONE, f"{self.counters.step}\n")
+            if not self.stage.checkpoint.keep_after_stage:     # after DONE: a kill here loses nothing
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return self.counters

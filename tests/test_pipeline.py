@@ -92,3 +92,25 @@ stages:
     (a, _), (b, _) = lp.stages
     assert (a.steps, a.grad_accum, a.optim.lr) == (5, 4, 1e-3)
     assert (b.steps, b.grad_accum, b.optim.lr) == (3, 8, 1e-3)
+
+
+def test_finished_stages_can_drop_their_checkpoints(tmp_path, monkeypatch):
+    """checkpoint.keep_after_stage=false: a finished stage keeps only its consolidated weights and
+    DONE (the demo's 11 GB run dir becomes ~4 GB); the next stage and a rerun need nothing more."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    overrides = ["stages_all.data.recipe=unused.yaml", "stages_all.steps=2",
+                 "stages_all.checkpoint.keep_after_stage=false", "s1_3_alignment.checkpoint.keep_after_stage=true"]
+    lp = load_pipeline(TINY, overrides)
+    lp.stages = lp.stages[:3]
+    run_pipeline(lp, tmp_path, loader_factory=generated_factory)
+    stages = sorted((tmp_path / "stages").iterdir())
+    assert [d.name for d in stages] == ["0_s1_1_concept", "1_s1_2_semantic", "2_s1_3_alignment"]
+    for d in stages:
+        assert (d / "DONE").is_file() and (d / "model.safetensors").is_file()
+    assert not (stages[0] / "ckpt").exists() and not (stages[1] / "ckpt").exists()
+    assert (stages[2] / "ckpt" / "latest").is_file()                     # kept where asked
+    before = (tmp_path / "metrics.jsonl").read_text()
+    lp = load_pipeline(TINY, overrides)
+    lp.stages = lp.stages[:3]
+    assert run_pipeline(lp, tmp_path, loader_factory=generated_factory) == []
+    assert (tmp_path / "metrics.jsonl").read_text() == before
