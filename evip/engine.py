@@ -104,8 +104,7 @@ def build_engine(model: nn.Module, stage: StageConfig, total_steps: int, load_un
 
     groups = param_groups(model, stage.optim.weight_decay)
     kwargs = dict(lr=stage.optim.lr, betas=tuple(stage.optim.betas), eps=stage.optim.eps)
-    own_optimizer = guarded(stage)
-    opt = GuardedAdamW(groups, stage.clip_grad, **kwargs) if own_optimizer else torch.optim.AdamW(groups, **kwargs)
+    opt = GuardedAdamW(groups, stage.clip_grad, **kwargs) if guarded(stage) else torch.optim.AdamW(groups, **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage.schedule, total_steps))
     config = deepspeed_config(stage)
     if load_universal:

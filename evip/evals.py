@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -67,9 +68,7 @@ def other_images(batch: dict, tokens_per_tile: int, img_context_id: int) -> torc
     edges = torch.diff(is_img, prepend=is_img.new_zeros(1), append=is_img.new_zeros(1))
     starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
     tiles = ((ends - starts) // tokens_per_tile).tolist()
-    first = [0]
-    for n in tiles:
-        first.append(first[-1] + n)
+    first = list(itertools.accumulate(tiles, initial=0))       # each image's first tile
     by_size: dict[int, list[int]] = {}
     for i, n in enumerate(tiles):
         by_size.setdefault(n, []).append(i)

@@ -30,6 +30,7 @@ KINDS = ("caption", "chat", "text")
 # eval value names (evip/evals.py): the text-only forgetting monitor and the held-out caption loss
 TEXT_LOSS_KEYS = ("text_loss",)
 CAPTION_LOSS_KEYS = ("heldout_caption_loss",)
+OTHER_IMAGE_LOSS_KEYS = ("heldout_caption_loss_other_image",)   # the same captions under other pictures
 STAGE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
@@ -271,7 +272,7 @@ def stage_row(s: StageMetrics) -> list[str]:
     start = s.start_text_loss if s.start_text_loss is not None else (ev_text[0] if ev_text else None)
     text = (start, ev_text[-1]) if ev_text else (None, None)
     last = s.evals[-1] if s.evals else {}
-    own, other = _first(last, CAPTION_LOSS_KEYS), _first(last, ("heldout_caption_loss_other_image",))
+    own, other = _first(last, CAPTION_LOSS_KEYS), _first(last, OTHER_IMAGE_LOSS_KEYS)
     reliance = "-" if own is None or other is None else f"{own:.3f} / {other:.3f}"
     return [s.name, _fmt_params(s.trainable_params, s.total_params), str(s.steps), f"{s.tokens:,}",
             f"{_start_end(*loss, 3)} ({label})", reliance, _start_end(*text, 4, exp=True), f"{s.seconds:.0f} s"]

@@ -40,8 +40,9 @@ class KVCache:
         continuations of one shared prompt, decoded side by side (one read of the weights)."""
         if self.batch != 1:
             raise ValueError(f"repeat() copies a one-row cache, this one has {self.batch} rows")
-        out = KVCache.__new__(KVCache)
-        out.k = [x.expand(batch, -1, -1, -1).clone() for x in self.k]
-        out.v = [x.expand(batch, -1, -1, -1).clone() for x in self.v]
-        out.max_len, out.length = self.max_len, self.length
+        _, max_len, kv_heads, head_dim = self.k[0].shape
+        out = KVCache(len(self.k), batch, kv_heads, head_dim, max_len, self.k[0].dtype, self.k[0].device)
+        for dst, src in zip(out.k + out.v, self.k + self.v):
+            dst.copy_(src.expand_as(dst))
+        out.length = self.length
         return out
