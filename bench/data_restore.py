@@ -49,19 +49,17 @@ def restore_seconds(cfg, tok, mc, a, b) -> tuple[float, float]:
     return statistics.median(ta), statistics.median(tb)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10000)
-    ap.add_argument("--workdir", default="")
-    args = ap.parse_args()
-    d = Path(args.workdir or tempfile.mkdtemp(prefix="evip-restore-"))
+def restore_ratio(steps: int, workdir: str = "") -> dict:
+    """Per worker count (0, 2): the restore times of states taken at step 10 and at `steps`
+    and their ratio; progress lines on stdout."""
+    d = Path(workdir or tempfile.mkdtemp(prefix="evip-restore-"))
     make_shards(d, "a", 16, 200)
     make_shards(d, "b", 4, 100)
     recipe = write_recipe(d / "r.yaml", [{"name": "a", "paths": [str(d / "a-*.tar")], "weight": 3.0},
                                          {"name": "b", "paths": [str(d / "b-*.tar")], "weight": 1.0}])
     tok = real_tokenizer()
     mc = model_config_for(tok)
-    result = {}
+    result = {"steps": steps}
     for workers in (0, 2):
         # small packs (1 row of 48 tokens: 1-2 samples per step) keep reaching step 10000 quick
         cfg = data_config(recipe, num_workers=workers, rows=1, token_budget=48)
@@ -69,20 +67,28 @@ def main() -> None:
         it = iter(loader)
         states = {}
         t = time.perf_counter()
-        for step in range(1, args.steps + 1):
+        for step in range(1, steps + 1):
             next(it)
-            if step in (10, args.steps):
+            if step in (10, steps):
                 states[step] = loader.state_dict()
         run_s = time.perf_counter() - t
         del it, loader
-        epochs = [s["stream"]["sources"][0]["epoch"] for s in states[args.steps]["slots"].values()]
-        t10, tn = restore_seconds(cfg, tok, mc, states[10], states[args.steps])
-        print(f"workers={workers}: {args.steps} steps in {run_s:.1f} s (source a at epoch {max(epochs)}); "
-              f"restore at step 10: {t10 * 1000:.0f} ms, at step {args.steps}: {tn * 1000:.0f} ms, "
-              f"state {len(json.dumps(states[args.steps], default=str))} bytes", flush=True)
-        result[f"workers{workers}"] = {"restore_s_step10": round(t10, 4), f"restore_s_step{args.steps}": round(tn, 4),
+        epochs = [s["stream"]["sources"][0]["epoch"] for s in states[steps]["slots"].values()]
+        t10, tn = restore_seconds(cfg, tok, mc, states[10], states[steps])
+        print(f"workers={workers}: {steps} steps in {run_s:.1f} s (source a at epoch {max(epochs)}); "
+              f"restore at step 10: {t10 * 1000:.0f} ms, at step {steps}: {tn * 1000:.0f} ms, "
+              f"state {len(json.dumps(states[steps], default=str))} bytes", flush=True)
+        result[f"workers{workers}"] = {"restore_s_step10": round(t10, 4), f"restore_s_step{steps}": round(tn, 4),
                                        "ratio_step10_over_stepN": round(t10 / tn, 3)}
-    print(json.dumps({"bench": "data_restore", "steps": args.steps, **result}))
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--workdir", default="")
+    args = ap.parse_args()
+    print(json.dumps({"bench": "data_restore", **restore_ratio(args.steps, args.workdir)}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Data pipeline throughput per worker: the full per-sample pipeline vs. PIL decode alone.
 
-    .venv/bin/python bench/data_throughput.py [--rounds 5] [--max-tiles 6 1] [--reducing-gap 0 1] [--tile 448]
+    .venv/bin/python bench/data_throughput.py [--rounds 5] [--max-tiles 6 1] [--resize torch pil] [--tile 448]
 
 Photos: the real photos shipped offline (scikit-image `skimage.data` + matplotlib's
 grace_hopper.jpg), resized to about 1-2 MP (long side 1200-1800, various aspect ratios) and
@@ -16,13 +16,13 @@ tiles + thumbnail, ~1.3 MP of bicubic output per photo) and 1 (one 448 tile: dra
   the caption with the real SmolLM2 tokenizer, label mask) + Packer.add (pack into batches).
   The ImageNet normalisation is not a worker cost any more: workers ship uint8 tiles and the
   model normalises them on its device (evip.model.vision.normalise_pixels).
-- `resize_reducing_gap` 0 is the exact InternVL bicubic (the default); > 0 is the opt-in,
-  not pixel-identical PIL `reducing_gap` (a box pre-shrink for large downscales).
-- `exact_bound_over_decode`: decode / (decode + the two bicubic resizes), per sample: the best
-  ratio any pipeline producing InternVL's exact pixels can reach with PIL on this CPU.
+- `resize`: `image.resize`, the bicubic: "torch" (the default: torch's vectorised uint8
+  kernel, within a few levels of Pillow) or "pil" (Pillow: InternVL's exact pixels).
+- `bound_over_decode`: decode_full / (decode + the two bicubic resizes), per sample: the best
+  ratio any pipeline using this bicubic can reach on this CPU.
 
-Last line: one JSON object. DATA-STREAM's restore-time ratio goes in `restore_ratio()`'s place
-in `main()` (see the comment there) so the one JSON carries both figures.
+`restore`: bench/data_restore.py's figures (restore a loader state taken at step 10 vs one at
+step 10000; goal about 1), so that the last line, one JSON object, carries both of the issue's figures.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def decode_only(files: list[bytes]) -> float:
     return time.process_time() - t0
 
 
-def make_pipeline(tok, max_tiles: int, tile: int, token_budget: int, reducing_gap: float = 0.0):
+def make_pipeline(tok, max_tiles: int, tile: int, token_budget: int, resize: str = "torch"):
     """(builder, packer) of the full per-sample pipeline, on the real tokenizer."""
     from evip.data.images import ImageConfig
     from evip.data.packing import Packer
@@ -84,7 +84,7 @@ def make_pipeline(tok, max_tiles: int, tile: int, token_budget: int, reducing_ga
     model_cfg = ModelConfig(image_size=tile, vocab_size=len(tok),
                             img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT), pad_token_id=0)
     builder = SampleBuilder(SampleConfig(max_length=token_budget,
-                                         image=ImageConfig(max_tiles=max_tiles, resize_reducing_gap=reducing_gap)),
+                                         image=ImageConfig(max_tiles=max_tiles, resize=resize)),
                             tok, model_cfg)
     packer = Packer(token_budget, max_images_per_pack=4 * (max_tiles + 1), pad_id=0)
     return builder, packer
@@ -108,9 +108,9 @@ def stage_breakdown(files: list[bytes], builder, rounds: int) -> dict:
     """Milliseconds per sample of each stage run on its own (decode as the pipeline does it,
     bicubic resize to the grid, thumbnail resize, cut into tiles, tokenise+labels; median over
     rounds) to show where the pipeline's time goes; plus the full decode-only time."""
-    from evip.data.images import capped_size, cut_tiles, decode, open_header
+    from evip.data.images import capped_size, cut_tiles, decode, open_header, resize_bicubic, torch_view
     from evip.data.text import assemble, caption_segments
-    proc, gap = builder.images, builder.cfg.image.resize_reducing_gap or None
+    proc, resize = builder.images, builder.cfg.image.resize
     keys = ("decode_full", "decode", "resize_grid", "resize_thumbnail", "cut", "tokenise")
     per_round = []
     for _ in range(rounds):
@@ -124,15 +124,15 @@ def stage_breakdown(files: list[bytes], builder, rounds: int) -> dict:
             Image.open(io.BytesIO(data)).convert("RGB")
             t.append(time.process_time())
             img = decode(head, proc.cfg, need)
+            src = torch_view(img) if resize == "torch" else img
             t.append(time.process_time())
-            resized = img.resize((proc.tile * grid[0], proc.tile * grid[1]), Image.Resampling.BICUBIC,
-                                 reducing_gap=gap)
+            resized = resize_bicubic(src, (proc.tile * grid[0], proc.tile * grid[1]), resize)
             t.append(time.process_time())
             thumb = None
             if proc.n_tiles(grid) > grid[0] * grid[1]:
-                thumb = img.resize((proc.tile, proc.tile), Image.Resampling.BICUBIC, reducing_gap=gap)
+                thumb = resize_bicubic(src, (proc.tile, proc.tile), resize)
             t.append(time.process_time())
-            tiles = cut_tiles(resized, thumb, proc.tile, grid)
+            tiles = cut_tiles(resized, thumb, tile=proc.tile, grid=grid)
             t.append(time.process_time())
             assemble(builder.ids, caption_segments(builder.ids, CAPTIONS[i % len(CAPTIONS)], [tiles.shape[0]]), 8192)
             t.append(time.process_time())
@@ -141,8 +141,8 @@ def stage_breakdown(files: list[bytes], builder, rounds: int) -> dict:
         per_round.append(ms)
     med = {k: statistics.median(r[k] for r in per_round) for k in keys}
     out = {k: round(v, 1) for k, v in med.items()}
-    out["exact_bound_over_decode"] = round(med["decode_full"] / (med["decode"] + med["resize_grid"]
-                                                                  + med["resize_thumbnail"]), 3)
+    out["bound_over_decode"] = round(med["decode_full"] / (med["decode"] + med["resize_grid"]
+                                                           + med["resize_thumbnail"]), 3)
     return out
 
 
@@ -154,7 +154,7 @@ def sample_pipeline_vs_decode(files: list[bytes], builder, packer, rounds: int) 
         dec.append(len(files) / decode_only(files))
         secs, tiles, _ = pipeline(files, builder, packer)
         full.append(len(files) / secs)
-    return {"max_tiles": builder.cfg.image.max_tiles, "resize_reducing_gap": builder.cfg.image.resize_reducing_gap,
+    return {"max_tiles": builder.cfg.image.max_tiles, "resize": builder.cfg.image.resize,
             "tiles_per_sample": round(tiles / len(files), 2),
             "decode_samples_per_s": round(statistics.median(dec), 1),
             "pipeline_samples_per_s": round(statistics.median(full), 1),
@@ -170,8 +170,10 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=8192)
     ap.add_argument("--max-tiles", type=int, nargs="+", default=[6, 1],
                     help="tile settings to measure (6: InternVL SFT; 1: one 448 tile, drafted decode)")
-    ap.add_argument("--reducing-gap", type=float, nargs="+", default=[0.0, 1.0],
-                    help="image.resize_reducing_gap values (0: exact InternVL bicubic; 1: opt-in fast, approximate)")
+    ap.add_argument("--resize", nargs="+", default=["torch", "pil"], choices=["torch", "pil"],
+                    help="image.resize values (torch: the default, fast; pil: InternVL's exact pixels)")
+    ap.add_argument("--restore-steps", type=int, default=10000,
+                    help="also time restoring the loader at step 10 vs this step (bench/data_restore.py); 0: skip")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from evip.assets import smollm2_gguf
@@ -182,11 +184,12 @@ def main() -> None:
     result = {"photos": len(files), "megapixels_mean": round(sum(w * h for w, h in sizes) / len(sizes) / 1e6, 2),
               "tile": args.tile, "pixel_values": "uint8", "goal_pipeline_over_decode": 0.7, "per_worker": []}
     for max_tiles in args.max_tiles:
-        for gap in args.reducing_gap:
-            builder, packer = make_pipeline(tok, max_tiles, args.tile, args.token_budget, gap)
+        for resize in args.resize:
+            builder, packer = make_pipeline(tok, max_tiles, args.tile, args.token_budget, resize)
             result["per_worker"].append(sample_pipeline_vs_decode(files, builder, packer, args.rounds))
-    # DATA-STREAM: add result["restore"] = restore_ratio() here (time to restore a state taken at
-    # step 10 divided by one taken at step 10000), from its own function, so this one line carries both.
+    if args.restore_steps:
+        from data_restore import restore_ratio                 # bench/ is on sys.path (this script's dir)
+        result["restore"] = restore_ratio(args.restore_steps)
     print(json.dumps(result))
 
 
