@@ -68,22 +68,27 @@ def test_one_epoch_every_sample_exactly_once_across_ranks_and_workers(setup):
     assert epoch0 == Counter(setup["keys"])   # every key once over 2 ranks x 2 workers
 
 
-def test_elastic_two_ranks_to_one_no_repeat_no_loss(setup):
-    """Old run: 2 ranks x 2 workers, rank 0 consumed 2 batches, rank 1 consumed 3. New run: 1 rank,
-    1 worker, restored from both ranks' states. Promise (no caveat): the new run's first N - C
+@pytest.mark.parametrize("old_ranks,old_workers,new_workers,new_lanes", [(2, 2, 1, 4), (1, 1, 1, 1)],
+                         ids=["2x2_to_1x1", "interleave_4_to_1"])
+def test_elastic_resume_no_repeat_no_loss(setup, old_ranks, old_workers, new_workers, new_lanes):
+    """Old run: ranks x workers reading 4 shards at once (the default); rank r consumed 2 + r
+    batches. New run: 1 rank, a new layout (fewer ranks and workers, or reading 1 shard at a
+    time), restored from all old ranks' states. Promise (no caveat): the new run's first N - C
     samples (C consumed before) are exactly the keys not consumed, each once. Samples the old
     packers held back (read but not yet in a returned batch) were not consumed: they are re-read."""
     tok, mc = setup["tok"], setup["model_cfg"]
     consumed, states = Counter(), []
-    for rank, k in ((0, 2), (1, 3)):
-        loader = build_loader(data_config(setup["big"], num_workers=2), tok, mc, rank, 2)
+    for rank in range(old_ranks):
+        loader = build_loader(data_config(setup["big"], num_workers=old_workers), tok, mc, rank, old_ranks)
         it = iter(loader)
-        for _ in range(k):
+        for _ in range(2 + rank):
             consumed.update(batch_keys(next(it), tok))
         states.append(loader.state_dict())
         del it
     assert max(consumed.values()) == 1
-    new = build_loader(data_config(setup["big"], num_workers=1), tok, mc, 0, 1)
+    cfg = data_config(setup["big"], num_workers=new_workers,
+                      recipe_overrides=[f"sources.0.interleave_shards={new_lanes}"])
+    new = build_loader(cfg, tok, mc, 0, 1)
     new.load_state_dict(states)
     remaining = Counter(setup["big_keys"]) - consumed
     n_left = sum(remaining.values())

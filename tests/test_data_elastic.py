@@ -20,12 +20,19 @@ def _read(stream, steps, log):
         log.append((i, stream.cursors[i].epoch, rec.key))
 
 
-@pytest.mark.parametrize("old,new", [(4, 3), (4, 1), (2, 5), (3, 7)])
-def test_elastic_no_repeat_no_loss(tmp_path, old, new):
+@pytest.mark.parametrize("old,new,lanes", [(4, 3, (1, 1, 1)), (4, 1, (4, 4, 4)), (2, 5, (3, 1, 2)),
+                                           (3, 7, (2, 4, 1)), (1, 1, (4, 2, 3))])
+def test_elastic_no_repeat_no_loss(tmp_path, old, new, lanes):
+    """Slots old -> new -> 2, each layout reading lanes[i] shards at once per source."""
     names = ["a", "b"]
     keys = {0: make_shards(tmp_path, "a", 5, 9), 1: make_shards(tmp_path, "b", 2, 6)}
-    srcs = [build_source(SourceConfig(name=n, paths=[str(tmp_path / f"{n}-*.tar")])) for n in names]
+
+    def sources(k):
+        return [build_source(SourceConfig(name=n, paths=[str(tmp_path / f"{n}-*.tar")], interleave_shards=k))
+                for n in names]
+
     weights = [2.0, 1.0]
+    srcs = sources(lanes[0])
     rng = random.Random(old * 10 + new)
     log: list = []
     states = []
@@ -35,15 +42,17 @@ def test_elastic_no_repeat_no_loss(tmp_path, old, new):
         states.append(st.state_dict())
     # a second elastic change before the first finished: old -> new -> 2
     mid = []
+    srcs = sources(lanes[1])
     for s in range(new):
         st = SlotStream(srcs, weights, seed=5, slot=s, num_slots=new)
-        st.load_state_dict(elastic_state(states, s, new))
+        st.load_state_dict(elastic_state(states, s, new, [lanes[1]] * 2))
         _read(st, rng.randrange(0, 15), log)
         mid.append(st.state_dict())
     max_epoch = {i: max(s["sources"][i]["epoch"] for s in states + mid) for i in (0, 1)}
+    srcs = sources(lanes[2])
     for s in range(2):
         st = SlotStream(srcs, weights, seed=5, slot=s, num_slots=2)
-        st.load_state_dict(elastic_state(mid, s, 2))
+        st.load_state_dict(elastic_state(mid, s, 2, [lanes[2]] * 2))
         c = st.cursors
         while c[0].epoch <= max_epoch[0] or c[1].epoch <= max_epoch[1]:
             _read(st, 1, log)

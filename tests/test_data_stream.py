@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from data_stream_helpers import make_shards
+from data_stream_helpers import make_shards, write_shard
 from evip.data.recipe import SourceConfig
 from evip.data.record import BadSample
 from evip.data.sources import build_source
@@ -29,9 +29,10 @@ def _epoch(stream: SlotStream, src: int = 0) -> list[str]:
         out.append(rec.key.split("/")[-1])
 
 
-@pytest.mark.parametrize("n_shards,per_shard,slots", [(5, 7, 4), (2, 9, 6), (1, 10, 3), (7, 3, 7)])
-def test_every_sample_exactly_once_per_epoch_across_slots(tmp_path, n_shards, per_shard, slots):
-    src, keys = _source(tmp_path, n_shards, per_shard)
+@pytest.mark.parametrize("lanes", [1, 3])
+@pytest.mark.parametrize("n_shards,per_shard,slots", [(5, 7, 4), (2, 9, 6), (1, 10, 3), (7, 3, 7), (11, 4, 2)])
+def test_every_sample_exactly_once_per_epoch_across_slots(tmp_path, n_shards, per_shard, slots, lanes):
+    src, keys = _source(tmp_path, n_shards, per_shard, interleave_shards=lanes)
     seen = Counter()
     sizes = []
     for s in range(slots):
@@ -74,6 +75,51 @@ def test_state_restores_to_the_same_next_records_without_replay(tmp_path, fmt):
     assert [a.next()[1].key for _ in range(40)] == [b.next()[1].key for _ in range(40)]
     with pytest.raises(ValueError, match="elastic_state"):
         SlotStream([src], [1.0], seed=1, slot=0, num_slots=3).load_state_dict(state)
+
+
+def _shard_of(rec) -> int:
+    return int(rec.key.split("_")[-1]) // 10          # make_shards(..., per_shard=10)
+
+
+def test_lanes_interleave_shards_record_by_record(tmp_path):
+    src, _ = _source(tmp_path, 8, 10, interleave_shards=4)
+    st = SlotStream([src], [1.0], seed=2, slot=0, num_slots=1)
+    shards = [_shard_of(st.next()[1]) for _ in range(80)]
+    for g in (0, 1):                          # two groups of 4 shards, read in turn: 0 1 2 3 0 1 2 3 ...
+        group = shards[40 * g: 40 * g + 40]
+        assert len(set(group[:4])) == 4 and group == group[:4] * 10
+    assert set(shards[:40]).isdisjoint(shards[40:])
+    one = SlotStream([build_source(SourceConfig(name="a", paths=[str(tmp_path / "a-*.tar")], interleave_shards=1))],
+                     [1.0], seed=2, slot=0, num_slots=1)
+    assert len({_shard_of(one.next()[1]) for _ in range(10)}) == 1   # 1 lane: one shard after another
+
+
+@pytest.mark.parametrize("fmt", ["tar", "pipe"])
+def test_resume_at_every_step_continues_the_same_stream(tmp_path, fmt):
+    """Uneven shards (one truncated, one gone, so lanes end at different times), 3 lanes, 2
+    epochs: restoring the state taken after any step gives exactly the rest of the stream, and a
+    shard's end is counted once however often the run is resumed around it."""
+    for s, n in enumerate((7, 3, 9, 5, 6)):
+        write_shard(tmp_path / f"a-{s:05d}.tar", [f"a_{s * 10 + j:05d}" for j in range(n)])
+    truncated = tmp_path / "a-00002.tar"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    paths = [str(tmp_path / "a-*.tar")] if fmt == "tar" else [f"pipe:cat {tmp_path}/a-{{00000..00004}}.tar"]
+    src = build_source(SourceConfig(name="a", paths=paths, interleave_shards=3))
+    (tmp_path / "a-00004.tar").unlink()       # gone after the recipe was validated
+
+    def label(rec):
+        return f"bad:{rec.reason}" if isinstance(rec, BadSample) else rec.key.split("/")[-1]
+
+    full = SlotStream([src], [1.0], seed=4, slot=0, num_slots=1)
+    states, out = [], []
+    while full.cursors[0].epoch < 2:
+        states.append(json.loads(json.dumps(full.state_dict())))
+        out.append(label(full.next()[1]))
+    assert out.count("bad:truncated") == out.count("bad:unreadable_shard") == 2     # once per epoch
+    for t in range(len(out)):
+        resumed = SlotStream([src], [1.0], seed=4, slot=0, num_slots=1)
+        resumed.load_state_dict(states[t])
+        assert [label(resumed.next()[1]) for _ in range(len(out) - t)] == out[t:], t
 
 
 def test_truncated_shard_counted_once_where_it_breaks_and_stream_goes_on(tmp_path):

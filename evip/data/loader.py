@@ -40,7 +40,7 @@ from evip.data.record import BadSample
 from evip.data.recipe import RecipeConfig, filter_config, load_recipe, resolve_template
 from evip.data.sample import SampleBuilder, SampleConfig
 from evip.data.sources import build_source
-from evip.data.stream import SlotStream, elastic_state
+from evip.data.stream import SlotStream, elastic_state, fresh_source_state, lanes_of
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,10 @@ class EvipLoader(StatefulDataLoader):
         if isinstance(state, dict):
             state = [state]
         mine = [s for s in state if s["rank"] == ds.rank]
+        lanes = [src.interleave_shards for src in ds.recipe.sources]
         if (state[0]["num_slots"] == ds.num_slots and state[0]["num_workers"] == ds.cfg.num_workers
-                and state[0]["world_size"] == ds.world_size and mine):
+                and state[0]["world_size"] == ds.world_size and mine
+                and all(lanes_of(v["stream"]) == lanes for v in mine[0]["slots"].values())):
             super().load_state_dict(mine[0]["loader"])
             self._slot_states = {int(k): v for k, v in mine[0]["slots"].items()}
             self._slot_stats = {k: _stats_of(v["counts"]) for k, v in self._slot_states.items()}
@@ -231,7 +233,8 @@ class EvipLoader(StatefulDataLoader):
         for s in state:
             old.update({int(k): v for k, v in s["slots"].items()})
         n_old = state[0]["num_slots"]
-        fresh = _fresh_states(ds.recipe, n_old)
+        old_lanes = next((lanes_of(v["stream"]) for v in old.values()), lanes)
+        fresh = _fresh_states(n_old, old_lanes)
         streams = [(old.get(k) or fresh[k])["stream"] for k in range(n_old)]
         if len(state) != state[0]["world_size"]:
             raise ValueError(f"elastic resume needs the loader states of all {state[0]['world_size']} old ranks, "
@@ -239,25 +242,26 @@ class EvipLoader(StatefulDataLoader):
         counts = [(old.get(k) or fresh[k])["counts"] for k in range(n_old)]
         ds.elastic_states = {}
         for slot in ds.slots():
-            st = {"stream": elastic_state(streams, slot, ds.num_slots),
+            st = {"stream": elastic_state(streams, slot, ds.num_slots, lanes),
                   "counts": merge_counts(counts) if slot == 0 else Accounting([], 0, 0).state_dict()}
             ds.elastic_states[slot] = st
         self._slot_states = dict(ds.elastic_states)
         self._slot_stats = {k: _stats_of(v["counts"]) for k, v in self._slot_states.items()}
-        log.info("data loader: elastic resume from %d ranks x %d workers to %d x %d; every position consumed "
-                 "before is skipped, positions held in the packers are re-read", state[0]["world_size"],
-                 state[0]["num_workers"], ds.world_size, ds.cfg.num_workers)
+        log.info("data loader: elastic resume from %d ranks x %d workers to %d x %d (shards read at once per "
+                 "source: %s); every position consumed before is skipped, positions held in the packers "
+                 "are re-read", state[0]["world_size"], state[0]["num_workers"], ds.world_size,
+                 ds.cfg.num_workers, lanes)
 
 
 def _stats_of(counts: dict) -> dict:
     return {k: counts[k] for k in ("samples", "bad", "packed_tokens", "budget_tokens", "batches")}
 
 
-def _fresh_states(recipe: RecipeConfig, num_slots: int) -> list[dict]:
-    n = len(recipe.sources)
+def _fresh_states(num_slots: int, lanes: list[int]) -> list[dict]:
+    """The states of slots that have not handed out a batch yet."""
     empty = Accounting([], 0, 0).state_dict()
     return [{"stream": {"slot": k, "num_slots": num_slots, "mixture": {"n": 0},
-                        "sources": [{"epoch": 0, "unit": 0, "offset": 0, "layers": []}] * n},
+                        "sources": [fresh_source_state(n) for n in lanes]},
              "counts": empty} for k in range(num_slots)]
 
 

@@ -34,6 +34,8 @@ class SourceConfig:
     template: str = ""                    # '' or the kind's name: the kind's default template
     filters: dict[str, Any] = field(default_factory=dict)   # FilterConfig fields (evip/data/filters.py)
     shuffle_within_shard: bool = True     # seeded permutation of members (needs seekable shards)
+    interleave_shards: int = 4            # shards each (rank, worker) reads at once, record by record
+                                          # in turn (a cross-shard shuffle); 1: one shard after another
     rows_per_shard: int = 1024            # jsonl/hf: rows per virtual shard (unit of work/shuffle)
     image_column: str = "image"           # hf
     text_column: str = "text"             # hf (caption/text kinds)
@@ -93,6 +95,8 @@ def validate_recipe(recipe: RecipeConfig, where: str = "the recipe") -> None:
             raise ConfigError(f"'{key}.filters' in {where}: {e}") from None
         if not src.weight > 0:
             raise ConfigError(f"'{key}.weight' in {where}: weight must be > 0, got {src.weight}")
+        if src.interleave_shards < 1:
+            raise ConfigError(f"'{key}.interleave_shards' in {where}: must be >= 1, got {src.interleave_shards}")
         if src.rows_per_shard < 1:
             raise ConfigError(f"'{key}.rows_per_shard' in {where}: must be >= 1, got {src.rows_per_shard}")
         if not src.paths:

@@ -3,16 +3,20 @@
 Order (all seeded by (seed, source index, epoch[, shard]) alone, never by time or pid):
 - per source and epoch, a permutation of its shards; shard position q of that order is cut into
   `nparts` parts (nparts = ceil(slots / shards) when there are fewer shards than slots, else 1),
-  giving units u = q * nparts + part; slot s of S reads units s, s + S, s + 2S, ... in order.
-  So every slot has data (no uneven-rank hang) and slots never overlap.
+  giving units u = q * nparts + part; slot s of S reads units s, s + S, s + 2S, ... So every
+  slot has data (no uneven-rank hang) and slots never overlap.
+- a slot reads its units in groups of `interleave_shards` (its lanes), the group's lanes taking
+  turns record by record: consecutive records come from different shards (a cross-shard
+  shuffle with no buffer to save). A lane that ends leaves the turns to the others.
 - within a shard, a seeded permutation of its member indices (random-access shards with
   `shuffle_within_shard`; `pipe:` shards keep file order); part p reads positions p, p+nparts, ...
 - sources are interleaved by `Mixture` (a counter-based weighted draw).
 - each source cycles epochs on its own, with a fresh order: the stream never ends.
 
 State (small, JSON-able, O(1) to restore: the reader seeks straight to the position):
-    {"mixture": {"n"}, "sources": [{"epoch", "unit", "offset", "layers"}]}
-`unit` indexes this slot's unit list, `offset` counts positions of the unit already passed.
+    {"mixture": {"n"}, "sources": [{"epoch", "group", "offsets", "done", "layers"}]}
+`group` indexes this slot's groups of units; per lane, `offsets` counts the positions of its
+unit already passed and `done` says it has ended (so a resumed run never counts an end twice).
 
 Elastic resume: `elastic_state(all_slot_states, new_slot, new_num_slots)` keeps the old slots'
 cursors as a *layer*: a position (epoch, shard, j) is consumed iff the old slot that owned it had
@@ -20,6 +24,7 @@ passed it. The new slot starts at the oldest epoch any old slot was in and skips
 positions with an O(1) test each (whole consumed shards without opening them). Nothing consumed
 is repeated and nothing is lost, in-progress shards included; the mixture draws differ from the
 old run's (proportions hold). A layer is dropped once this slot has passed its last epoch.
+A changed `interleave_shards` is a new layout too.
 """
 from __future__ import annotations
 
@@ -48,43 +53,63 @@ def member_order(seed: int, src: int, epoch: int, shard: int, n: int) -> np.ndar
 
 
 class _Layer:
-    """Positions consumed under an earlier (slot-count) layout."""
+    """Positions consumed under an earlier layout (slot count, lanes per slot)."""
 
-    def __init__(self, num_slots: int, cursors: list[list[int]]):
-        self.num_slots = num_slots
-        self.cursors = cursors                        # per old slot: [epoch, unit, offset]
+    def __init__(self, num_slots: int, lanes: int, cursors: list[list]):
+        self.num_slots, self.lanes = num_slots, lanes
+        self.cursors = cursors                        # per old slot: [epoch, group, offsets, done]
         self.max_epoch = max(c[0] for c in cursors)
 
-    def _passed(self, epoch: int, unit: int, offset: int | None, n_shards: int) -> bool:
+    def _passed(self, epoch: int, unit: int, offset: int | None) -> bool:
+        """Whether the old slot owning `unit` had passed position `offset` of it (None: all of it)."""
         s, k = unit % self.num_slots, unit // self.num_slots
-        e, ck, co = self.cursors[s]
+        e, group, offsets, done = self.cursors[s]
         if e != epoch:
             return e > epoch
-        return k < ck or (offset is not None and k == ck and offset < co)
+        g, lane = divmod(k, self.lanes)
+        return g < group or (g == group and (done[lane] or (offset is not None and offset < offsets[lane])))
 
     def consumed(self, epoch: int, q: int, j: int, n_shards: int) -> bool:
         npart = num_parts(n_shards, self.num_slots)
-        return self._passed(epoch, q * npart + j % npart, j // npart, n_shards)
+        return self._passed(epoch, q * npart + j % npart, j // npart)
 
     def shard_done(self, epoch: int, q: int, n_shards: int) -> bool:
         npart = num_parts(n_shards, self.num_slots)
-        return all(self._passed(epoch, q * npart + p, None, n_shards) for p in range(npart))
+        return all(self._passed(epoch, q * npart + p, None) for p in range(npart))
 
     def to_state(self) -> dict:
-        return {"num_slots": self.num_slots, "cursors": self.cursors}
+        return {"num_slots": self.num_slots, "lanes": self.lanes, "cursors": self.cursors}
+
+    @classmethod
+    def from_state(cls, st: dict) -> _Layer:
+        return cls(st["num_slots"], st["lanes"], [list(c) for c in st["cursors"]])
+
+
+def fresh_source_state(lanes: int) -> dict:
+    """A source cursor's state before its first record."""
+    return {"epoch": 0, "group": 0, "offsets": [0] * lanes, "done": [False] * lanes, "layers": []}
+
+
+def lanes_of(stream_state: dict) -> list[int]:
+    """Lanes per source (`interleave_shards`) a slot-stream state was taken with."""
+    return [len(src["offsets"]) for src in stream_state["sources"]]
 
 
 class SourceCursor:
-    """Where one slot is in one source."""
+    """Where one slot is in one source: the epoch, the group of `lanes` units it reads
+    interleaved, and per lane the positions passed and whether the lane has ended."""
 
     def __init__(self, source, src_index: int, seed: int, slot: int, num_slots: int):
         self.source, self.src, self.seed = source, src_index, seed
         self.slot, self.num_slots = slot, num_slots
         self.n_shards = len(source.shards)
         self.nparts = num_parts(self.n_shards, num_slots)
-        self.epoch, self.unit, self.offset = 0, 0, 0
+        self.lanes = source.cfg.interleave_shards
+        self.epoch, self.group = 0, 0
+        self.offsets, self.done = [0] * self.lanes, [False] * self.lanes
         self.layers: list[_Layer] = []
-        self._reader = None                   # (epoch, shard, reader, member order or None)
+        self._readers: dict[int, tuple] = {}  # lane -> (shard, reader, member order or None)
+        self._last_shard = -1
         self._epoch_positions = 0
         self._order = (-1, None)
 
@@ -97,21 +122,31 @@ class SourceCursor:
             self._order = (self.epoch, shard_order(self.seed, self.src, self.epoch, self.n_shards))
         return self._order[1]
 
-    def _open(self, shard: int):
-        r = self._reader
-        if r is not None and r[:2] == (self.epoch, shard):
-            return r[2], r[3]
-        if r is not None:
-            r[2].close()
+    def _open(self, lane: int, shard: int):
+        if lane in self._readers:
+            return self._readers[lane][1:]
         reader = self.source.open(shard)
         order = None
         if reader.random_access and self.source.cfg.shuffle_within_shard:
             order = member_order(self.seed, self.src, self.epoch, shard, len(reader))
-        self._reader = (self.epoch, shard, reader, order)
+        self._readers[lane] = (shard, reader, order)
         return reader, order
+
+    def _close(self, lane: int) -> None:
+        r = self._readers.pop(lane, None)
+        if r is not None:
+            r[1].close()
 
     def _consumed(self, q: int, j: int) -> bool:
         return any(l.consumed(self.epoch, q, j, self.n_shards) for l in self.layers)
+
+    def _next_group(self, units: range) -> None:
+        for lane in list(self._readers):
+            self._close(lane)
+        self.group += 1
+        self.offsets, self.done = [0] * self.lanes, [False] * self.lanes
+        if self.group * self.lanes >= len(units):
+            self._next_epoch()
 
     def _next_epoch(self) -> None:
         if self._epoch_positions == 0 and not self.layers:
@@ -119,55 +154,68 @@ class SourceCursor:
                 f"source {self.source.cfg.name!r}: slot {self.slot} of {self.num_slots} (ranks x workers) "
                 f"found no sample in a whole epoch; the source has too few samples for this many "
                 f"ranks x workers, or all its shards are empty")
-        self.epoch, self.unit, self.offset, self._epoch_positions = self.epoch + 1, 0, 0, 0
+        self.epoch, self.group, self._epoch_positions = self.epoch + 1, 0, 0
         self.layers = [l for l in self.layers if l.max_epoch >= self.epoch]
 
     # ---- reading -------------------------------------------------------------------------
     def next(self):
-        """The next Record, or a BadSample (to count) for a position that failed to read."""
+        """The next Record, or a BadSample (to count) for a position that failed to read.
+        The lanes of the current group take turns (the lane with the fewest positions passed,
+        then the lowest index), so consecutive records come from different shards."""
         while True:
             units = self._units()
-            if self.unit >= len(units):
+            if not units:
                 self._next_epoch()
                 continue
-            u = units[self.unit]
-            q, part = divmod(u, self.nparts)
-            if self.offset == 0 and self.layers and any(
-                    l.shard_done(self.epoch, q, self.n_shards) for l in self.layers):
-                self.unit += 1
+            first = self.group * self.lanes
+            open_lanes = [i for i in range(self.lanes) if not self.done[i] and first + i < len(units)]
+            if not open_lanes:
+                self._next_group(units)
                 continue
-            shard = int(self._shard_order()[q])
-            try:
-                reader, order = self._open(shard)
-            except (OSError, tarfile.TarError) as e:   # gone, unreadable, a pipe that fails
-                self.unit, self.offset = self.unit + 1, 0
-                self._epoch_positions += 1
-                if part == 0:
-                    return BadSample("unreadable_shard", f"{self.source.shards[shard]}: {e}")
-                continue
-            j = part + self.offset * self.nparts
-            if reader.random_access and j >= len(reader):
-                item = self._end_unit(reader, part)
-                if item is not None:
-                    return item
-                continue
-            self.offset += 1
-            if self.layers and self._consumed(q, j):
-                continue
-            self._epoch_positions += 1
-            try:
-                return reader.get(int(order[j]) if order is not None else j)
-            except IndexError:                # a pipe shard ended
-                self.offset -= 1
-                self._epoch_positions -= 1
-                item = self._end_unit(reader, part)
-                if item is not None:
-                    return item
-            except BadSample as e:
-                return e
+            lane = min(open_lanes, key=lambda i: (self.offsets[i], i))
+            item = self._step(lane, units[first + lane])
+            if item is not None:
+                return item
 
-    def _end_unit(self, reader, part: int):
-        self.unit, self.offset = self.unit + 1, 0
+    def _step(self, lane: int, u: int):
+        """One position of `lane` (unit `u`): a Record or BadSample, or None (nothing to hand
+        out: the position was consumed before an elastic resume, or the lane just ended)."""
+        q, part = divmod(u, self.nparts)
+        if self.offsets[lane] == 0 and self.layers and any(
+                l.shard_done(self.epoch, q, self.n_shards) for l in self.layers):
+            return self._end(lane)
+        shard = int(self._shard_order()[q])
+        self._last_shard = shard
+        try:
+            reader, order = self._open(lane, shard)
+        except (OSError, tarfile.TarError) as e:       # gone, unreadable, a pipe that fails
+            self._epoch_positions += 1
+            return self._end(lane, BadSample("unreadable_shard", f"{self.source.shards[shard]}: {e}")
+                             if part == 0 else None)
+        j = part + self.offsets[lane] * self.nparts
+        if reader.random_access and j >= len(reader):
+            return self._end(lane, self._truncation(reader, part))
+        self.offsets[lane] += 1
+        if self.layers and self._consumed(q, j):
+            return None
+        self._epoch_positions += 1
+        try:
+            return reader.get(int(order[j]) if order is not None else j)
+        except IndexError:                # a pipe shard ended
+            self.offsets[lane] -= 1
+            self._epoch_positions -= 1
+            return self._end(lane, self._truncation(reader, part))
+        except BadSample as e:
+            return e
+
+    def _end(self, lane: int, item=None):
+        """Mark `lane` ended (in the state: a resumed run does not count its end again)."""
+        self.done[lane] = True
+        self._close(lane)
+        return item
+
+    def _truncation(self, reader, part: int) -> BadSample | None:
+        """The one BadSample a truncated shard counts (by its part 0), else None."""
         if reader.truncated and part == 0:
             self._epoch_positions += 1
             return BadSample("truncated", f"{reader.path if hasattr(reader, 'path') else ''}: "
@@ -176,15 +224,23 @@ class SourceCursor:
 
     @property
     def current_shard(self) -> str:
-        return "" if self._reader is None else self.source.shards[self._reader[1]]
+        return "" if self._last_shard < 0 else self.source.shards[self._last_shard]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "unit": self.unit, "offset": self.offset,
-                "layers": [l.to_state() for l in self.layers]}
+        return {"epoch": self.epoch, "group": self.group, "offsets": list(self.offsets),
+                "done": list(self.done), "layers": [l.to_state() for l in self.layers]}
 
     def load_state_dict(self, st: dict) -> None:
-        self.epoch, self.unit, self.offset = int(st["epoch"]), int(st["unit"]), int(st["offset"])
-        self.layers = [_Layer(l["num_slots"], [list(c) for c in l["cursors"]]) for l in st["layers"]]
+        if len(st["offsets"]) != self.lanes:
+            raise ValueError(
+                f"source {self.source.cfg.name!r}: the state was taken with interleave_shards="
+                f"{len(st['offsets'])}, the recipe now says {self.lanes}; resume through "
+                "elastic_state (EvipLoader.load_state_dict does) or set it back in the recipe")
+        for lane in list(self._readers):
+            self._close(lane)
+        self.epoch, self.group = int(st["epoch"]), int(st["group"])
+        self.offsets, self.done = [int(o) for o in st["offsets"]], [bool(d) for d in st["done"]]
+        self.layers = [_Layer.from_state(l) for l in st["layers"]]
         self._epoch_positions = 1             # resumed mid-epoch: positions were read before
 
 
@@ -217,25 +273,29 @@ class SlotStream:
             c.load_state_dict(s)
 
 
-def elastic_state(old: list[dict], slot: int, num_slots: int) -> dict:
-    """The state for `slot` of a new layout of `num_slots`, from the states of ALL old slots."""
+def elastic_state(old: list[dict], slot: int, num_slots: int, lanes: list[int] | None = None) -> dict:
+    """The state for `slot` of a new layout of `num_slots` slots reading `lanes` shards at once
+    per source (default: as before), from the states of ALL old slots."""
     old = sorted(old, key=lambda s: s["slot"])
     n_old = old[0]["num_slots"]
     if [s["slot"] for s in old] != list(range(n_old)):
         raise ValueError(f"elastic resume needs the state of every old slot 0..{n_old - 1}, "
                          f"got slots {[s['slot'] for s in old]}")
+    lanes = lanes or lanes_of(old[0])
     sources = []
     for i in range(len(old[0]["sources"])):
         per_slot = [s["sources"][i] for s in old]
-        layers = [_Layer(n_old, [[p["epoch"], p["unit"], p["offset"]] for p in per_slot]).to_state()]
+        cursors = [[p["epoch"], p["group"], list(p["offsets"]), list(p["done"])] for p in per_slot]
+        layers = [_Layer(n_old, len(per_slot[0]["offsets"]), cursors).to_state()]
         for p in per_slot:                    # earlier layouts still relevant to some old slot
             for l in p["layers"]:
                 if l not in layers:
                     layers.append(l)
         start = min(p["epoch"] for p in per_slot)
-        sources.append({"epoch": start, "unit": 0, "offset": 0, "layers": layers})
+        sources.append({**fresh_source_state(lanes[i]), "epoch": start, "layers": layers})
         if slot == 0:
-            log.info("elastic resume of source %d: %d -> %d slots; restarting epoch %d in the new layout "
-                     "and skipping every position the old slots had consumed (epochs %d..%d)",
-                     i, n_old, num_slots, start, start, max(p["epoch"] for p in per_slot))
+            log.info("elastic resume of source %d: %d slots x %d lanes -> %d x %d; restarting epoch %d in the "
+                     "new layout and skipping every position the old slots had consumed (epochs %d..%d)",
+                     i, n_old, len(per_slot[0]["offsets"]), num_slots, lanes[i], start, start,
+                     max(p["epoch"] for p in per_slot))
     return {"slot": slot, "num_slots": num_slots, "mixture": {"n": 0}, "sources": sources}
