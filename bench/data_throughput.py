@@ -16,8 +16,9 @@ tiles + thumbnail, ~1.3 MP of bicubic output per photo) and 1 (one 448 tile: dra
   the caption with the real SmolLM2 tokenizer, label mask) + Packer.add (pack into batches).
   The ImageNet normalisation is not a worker cost any more: workers ship uint8 tiles and the
   model normalises them on its device (evip.model.vision.normalise_pixels).
-- `resize`: `image.resize`, the bicubic: "torch" (the default: torch's vectorised uint8
-  kernel, within a few levels of Pillow) or "pil" (Pillow: InternVL's exact pixels).
+- `resize`: `image.resize`, the bicubic: "torch" (torch's uint8 kernel, vectorised on AVX2,
+  within a few levels of Pillow; what the default "auto" picks on AVX2) or "pil" (Pillow:
+  InternVL's exact pixels).
 - `bound_over_decode`: decode_full / (decode + the two bicubic resizes), per sample: the best
   ratio any pipeline using this bicubic can reach on this CPU.
 
@@ -110,7 +111,7 @@ def stage_breakdown(files: list[bytes], builder, rounds: int) -> dict:
     rounds) to show where the pipeline's time goes; plus the full decode-only time."""
     from evip.data.images import capped_size, cut_tiles, decode, open_header, resize_bicubic, torch_view
     from evip.data.text import assemble, caption_segments
-    proc, resize = builder.images, builder.cfg.image.resize
+    proc, resize = builder.images, builder.images.resize
     keys = ("decode_full", "decode", "resize_grid", "resize_thumbnail", "cut", "tokenise")
     per_round = []
     for _ in range(rounds):
@@ -171,7 +172,7 @@ def main() -> None:
     ap.add_argument("--max-tiles", type=int, nargs="+", default=[6, 1],
                     help="tile settings to measure (6: InternVL SFT; 1: one 448 tile, drafted decode)")
     ap.add_argument("--resize", nargs="+", default=["torch", "pil"], choices=["torch", "pil"],
-                    help="image.resize values (torch: the default, fast; pil: InternVL's exact pixels)")
+                    help="image.resize values (torch: fast on AVX2, the default there; pil: InternVL's exact pixels)")
     ap.add_argument("--restore-steps", type=int, default=10000,
                     help="also time restoring the loader at step 10 vs this step (bench/data_restore.py); 0: skip")
     args = ap.parse_args()

@@ -262,6 +262,21 @@ def test_resize_key_is_checked():
         ImageConfig(resize="cv2")
 
 
+def test_auto_resize_is_torch_only_where_torch_is_vectorised():
+    """Without AVX2 torch's uint8 bicubic is ~2x slower than Pillow's: "auto" then takes Pillow
+    (InternVL's exact pixels). Checked in a child process whose torch runs without AVX2."""
+    import os
+    import subprocess
+    import sys
+    vectorised = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert ImageProcessor(ImageConfig(), tile_size=28).resize == ("torch" if vectorised else "pil")
+    code = ("import torch\nfrom evip.data.images import ImageConfig, ImageProcessor\n"
+            "print(torch.backends.cpu.get_cpu_capability(), ImageProcessor(ImageConfig(), 28).resize)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}).stdout.split()
+    assert out == ["DEFAULT", "pil"]
+
+
 @pytest.mark.parametrize("w,h,max_num", [(150, 100, 6), (40, 90, 4), (28, 28, 1)])
 def test_grey_images_resized_as_one_band_equal_rgb_pixels(w, h, max_num):
     rng = np.random.default_rng(w)

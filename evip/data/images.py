@@ -17,10 +17,12 @@ Order of work, cheapest first, so a bad image costs almost nothing:
 6. Resize the decoded image straight to the grid with an antialiased bicubic, crop tiles
    row-major, append a thumbnail of the whole image when there is more than one tile.
    All tiles are written into one preallocated array (no intermediate copies).
-   `image.resize` picks the bicubic: "torch" (default) is torch's vectorised uint8 kernel on
-   PIL's own buffer, 3-6x faster than Pillow's; it was made to match Pillow and does to within
-   a few levels (of 255) on a small fraction of pixels, the same on every CPU (AVX2 or not).
-   "pil" is Pillow's `image.resize`, what InternVL calls: bit-identical crops.
+   `image.resize` picks the bicubic: "torch" is torch's uint8 kernel on PIL's own buffer,
+   vectorised for x86 AVX2/AVX-512 (3-6x faster than Pillow there; 2x slower elsewhere, e.g.
+   ARM); it was made to match Pillow and does to within a few levels (of 255) on a small
+   fraction of pixels, the same pixels on every CPU. "pil" is Pillow's `image.resize`, what
+   InternVL calls: bit-identical crops. "auto" (default): "torch" where it is vectorised, else
+   "pil" (`resolve_resize`; pin one for the same pixels on mixed CPU types).
 7. No normalisation here: the tiles stay uint8 (4x less worker -> trainer shared memory and
    host -> device traffic than fp32); the model normalises them on its device with ImageNet
    mean/std (`evip.model.vision.normalise_pixels`). `normalise()` gives the same float values
@@ -44,7 +46,7 @@ from evip.data.record import BadSample
 from evip.model.vision import IMAGENET_MEAN, IMAGENET_STD, normalise_pixels
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageConfig", "ImageProcessor", "capped_size", "choose_grid",
-           "cut_tiles", "decode", "pixels_view", "resize_bicubic", "torch_view", "open_header", "target_ratios", "tile_image", "to_rgb"]
+           "cut_tiles", "decode", "pixels_view", "resize_bicubic", "resolve_resize", "torch_view", "open_header", "target_ratios", "tile_image", "to_rgb"]
 
 
 @dataclass
@@ -56,8 +58,9 @@ class ImageConfig:
     bomb_pixels: int = 100_000_000     # header size above this: refused before decoding
     jpeg_draft: bool = True            # decode big JPEGs at reduced DCT scale
     split_tiles_across_images: bool = True  # multi-image: each image gets max_tiles // n_images (InternVL)
-    resize: str = "torch"              # bicubic: "torch" (fast, within a few levels of Pillow)
-                                       # or "pil" (InternVL's exact pixels); see the module doc
+    resize: str = "auto"               # bicubic: "torch" (fast on AVX2, within a few levels of
+                                       # Pillow), "pil" (InternVL's exact pixels) or "auto" (torch
+                                       # on AVX2/AVX-512, else pil); see the module doc
     # The model normalises the uint8 tiles on its device with these (evip.model.vision); kept
     # as config keys so resolved configs of earlier runs still load, but only ImageNet's are valid.
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -72,8 +75,9 @@ class ImageConfig:
                 raise ValueError(f"image.{key}={list(value)}: the workers ship uint8 tiles and the model "
                                  f"normalises them with InternVL's ImageNet {key} {list(ref)} "
                                  "(evip.model.vision.normalise_pixels); remove the key or set those values")
-        if self.resize not in ("torch", "pil"):
-            raise ValueError(f"image.resize={self.resize!r}: 'torch' (fast) or 'pil' (InternVL's exact pixels)")
+        if self.resize not in ("auto", "torch", "pil"):
+            raise ValueError(f"image.resize={self.resize!r}: 'auto', 'torch' (fast on AVX2) or 'pil' "
+                             "(InternVL's exact pixels)")
 
 
 def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -98,6 +102,14 @@ def choose_grid(width: int, height: int, tile: int, min_num: int, max_num: int) 
         elif diff == best_diff and area > 0.5 * tile * tile * ratio[0] * ratio[1]:
             best = ratio
     return best
+
+
+def resolve_resize(resize: str) -> str:
+    """"auto" -> "torch" where torch's uint8 bicubic is vectorised (x86 AVX2 / AVX-512), else
+    "pil"; "torch" and "pil" unchanged."""
+    if resize != "auto":
+        return resize
+    return "torch" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "pil"
 
 
 def tile_image(img: Image.Image, tile: int, grid: tuple[int, int], use_thumbnail: bool,
@@ -254,6 +266,7 @@ class ImageProcessor:
     def __init__(self, cfg: ImageConfig, tile_size: int):
         self.cfg = cfg
         self.tile = int(tile_size)
+        self.resize = resolve_resize(cfg.resize)     # "torch" or "pil" on this CPU
 
     def header_size(self, data: bytes) -> tuple[int, int]:
         """(width, height) from the header only (bomb-guarded); for filters."""
@@ -282,7 +295,7 @@ class ImageProcessor:
         # The grid comes from the (capped) header size; pixels are resized straight from the
         # decoded (possibly drafted) image to the grid: one resample, never a full-size detour.
         img = decode(head, self.cfg, need, keep_grey=True)   # grey photos resize as 1 band, not 3
-        return tile_image(img, self.tile, (cols, rows), self.cfg.use_thumbnail, self.cfg.resize)
+        return tile_image(img, self.tile, (cols, rows), self.cfg.use_thumbnail, self.resize)
 
     @staticmethod
     def normalise(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
