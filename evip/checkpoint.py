@@ -31,7 +31,6 @@ import torch.distributed as dist
 LATEST = "latest"
 META = "meta.json"
 DS_TAG = "ds"
-SLEEP_HOOK = "EVIP_TEST_CHECKPOINT_SLEEP"   # tests: "STEP:SECONDS": sleep mid-write of that step's checkpoint
 
 
 @dataclass
@@ -108,8 +107,10 @@ def clean_partial(ckpt_root: Path, rank: int) -> None:
 
 
 def save(engine, ckpt_root: Path, counters: Counters, loader, rank: int, world_size: int,
-         keep_last: int, extra: dict | None = None) -> Path:
-    """Write a checkpoint of every rank (collective) and publish it; returns its directory."""
+         keep_last: int, extra: dict | None = None, hold_open_s: float = 0.0) -> Path:
+    """Write a checkpoint of every rank (collective) and publish it; returns its directory.
+    `hold_open_s` (an injected fault, `faults.checkpoint_sleep_*`): rank 0 waits that long with
+    the engine state on disk and nothing published, so a test can kill the run mid-write."""
     name = step_name(counters.step)
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}"
@@ -122,11 +123,10 @@ def save(engine, ckpt_root: Path, counters: Counters, loader, rank: int, world_s
     torch.save({"loader": loader.state_dict(), "rng": rng_state()}, tmp / f"rank{rank}.pt")
     _barrier()
     if rank == 0:
-        hook = os.environ.get(SLEEP_HOOK, "")
-        sleep = float(hook.split(":")[1]) if hook and int(hook.split(":")[0]) == counters.step else 0.0
-        if sleep:
-            print(f"[test hook] {SLEEP_HOOK}: sleeping {sleep}s inside a checkpoint write", flush=True)
-            time.sleep(sleep)
+        if hold_open_s:
+            print(f"[fault] faults.checkpoint_sleep_s: holding the write of {name} open for {hold_open_s}s",
+                  flush=True)
+            time.sleep(hold_open_s)
         meta = {"counters": asdict(counters), "world_size": world_size, "time": time.time(), **(extra or {})}
         write_atomic(tmp / META, json.dumps(meta, indent=1))
         if final.exists():   # a re-save of the same step (e.g. stage end right after a periodic one)

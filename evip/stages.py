@@ -61,6 +61,16 @@ class EvalConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Faults to inject, for tests of the recovery paths; all off by default. A resumed run gets
+    them only if its command line sets them again."""
+    nonfinite_steps: list[int] = field(default_factory=list)   # 0-based steps whose loss is made NaN
+    signal_after_step: int = -1       # >= 0: rank 0 sends itself a real SIGUSR1 after this 0-based step
+    checkpoint_sleep_step: int = -1   # >= 0: rank 0 holds the write of this step's checkpoint open
+    checkpoint_sleep_s: float = 0.0   # for this long, after the engine state is on disk, before publishing
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     trainable: list[str] = field(default_factory=list)    # group names, or ["all"]
@@ -77,6 +87,7 @@ class StageConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log_every: int = 1
     max_nonfinite: int = 3          # consecutive non-finite steps before stopping
+    faults: FaultConfig = field(default_factory=FaultConfig)   # tests of the recovery paths only
 
 
 def load_stage(path, overrides: Sequence[str] = ()) -> StageConfig:

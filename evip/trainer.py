@@ -29,9 +29,6 @@ from evip.engine import build_engine, current_lr
 from evip.signals import Preempted, StopRequest, TooManyNonFinite
 from evip.stages import StageConfig, apply_trainable, frozen_digest, verify_frozen
 
-NAN_HOOK = "EVIP_TEST_NONFINITE_STEPS"   # tests: comma-separated steps whose loss is made NaN
-SIGNAL_HOOK = "EVIP_TEST_SIGNAL_AT"      # tests: "STAGE:STEP": rank 0 sends itself SIGUSR1 after that step
-
 
 @dataclass
 class StageContext:
@@ -72,11 +69,6 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
-
-
-def _nan_steps() -> set[int]:
-    raw = os.environ.get(NAN_HOOK, "")
-    return {int(s) for s in raw.split(",") if s.strip()}
 
 
 class StageTrainer:
@@ -129,12 +121,12 @@ class StageTrainer:
             c.evaluator.stage_start(self.engine, self.stage, c.stage_dir)
         last_save = time.monotonic()
         data_iter = iter(self.loader)
-        nan_steps = _nan_steps()
+        faults = self.stage.faults
         while not self.done():
             t0 = time.perf_counter()
-            stats, wait = self.train_step(data_iter, poison=self.counters.step in nan_steps)
-            if c.rank == 0 and os.environ.get(SIGNAL_HOOK) == f"{self.stage.name}:{self.counters.step}":
-                os.kill(os.getpid(), signal.SIGUSR1)   # test hook: a real signal, handled as in production
+            stats, wait = self.train_step(data_iter, poison=self.counters.step in faults.nonfinite_steps)
+            if c.rank == 0 and self.counters.step == faults.signal_after_step:
+                os.kill(os.getpid(), signal.SIGUSR1)   # injected: a real signal, handled as in production
             minutes_due = (self.stage.checkpoint.every_minutes > 0 and c.rank == 0 and
                            time.monotonic() - last_save >= 60 * self.stage.checkpoint.every_minutes)
             flags = _all_reduce(torch.tensor([float(stats["nonfinite"]), float(bool(c.stop.requested)),
@@ -210,9 +202,11 @@ class StageTrainer:
 
     # ---- checkpoints and the end of the stage ---------------------------------------------
     def save(self) -> Path:
+        faults = self.stage.faults
         return ckpt.save(self.engine, self.ckpt_root, self.counters, self.loader, self.ctx.rank,
-                         self.ctx.world_size, self.stage.checkpoint.keep_last,
-                         extra={"stage": self.stage.name})
+                         self.ctx.world_size, self.stage.checkpoint.keep_last, extra={"stage": self.stage.name},
+                         hold_open_s=faults.checkpoint_sleep_s if self.counters.step == faults.checkpoint_sleep_step
+                         else 0.0)
 
     def finish(self) -> ckpt.Counters:
         c = self.ctx

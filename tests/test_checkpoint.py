@@ -1,7 +1,7 @@
 """Crash safety of checkpoints, with real processes of `evip run` (one rank, real loader):
 
-- kill -9 while a checkpoint is being written (test hook EVIP_TEST_CHECKPOINT_SLEEP holds the
-  write open after the engine state is on disk, before publishing): the next start cleans the
+- kill -9 while a checkpoint is being written (the injected fault `faults.checkpoint_sleep_*`
+  holds the write open after the engine state is on disk, before publishing): the next start cleans the
   partial directory and resumes from the previous complete checkpoint, with the same losses;
 - an external SIGUSR1 -> checkpoint at the next step boundary -> exit code 75 -> rerun continues.
 """
@@ -29,11 +29,12 @@ def pipeline(tmp_path_factory):
     return write_e2e_pipeline(tmp_path_factory.mktemp("ckpt"), tok, stages=("s1_1_concept",), steps=6)
 
 
-def _start(pipeline, run_dir, env_extra=None):
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+def _start(pipeline, run_dir, overrides=()):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.Popen([sys.executable, "-u", "-m", "evip.cli", "run", str(pipeline), "--run-dir", str(run_dir)],
+    return subprocess.Popen([sys.executable, "-u", "-m", "evip.cli", "run", str(pipeline), "--run-dir", str(run_dir),
+                             *overrides],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -53,8 +54,8 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 def test_kill_9_during_checkpoint_write_resumes_from_previous(pipeline, tmp_path):
     run = tmp_path / "run"
-    proc = _start(pipeline, run, {"EVIP_TEST_CHECKPOINT_SLEEP": "4:120"})
-    _wait_for(proc, "[test hook]")
+    proc = _start(pipeline, run, ["stages_all.faults.checkpoint_sleep_step=4", "stages_all.faults.checkpoint_sleep_s=120"])
+    _wait_for(proc, "[fault]")
     ckpts = run / "stages" / "0_s1_1_concept" / "ckpt"
     assert (ckpts / ".tmp-step_00000004" / "ds").is_dir()          # the engine state is half published
     proc.kill()                                                     # SIGKILL

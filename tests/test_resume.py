@@ -1,7 +1,7 @@
 """Interrupted + resumed runs give losses bit-identical to an uninterrupted run (one process).
 
-The interruption is a real SIGUSR1 (test hook EVIP_TEST_SIGNAL_AT makes rank 0 send it to itself
-during a step): the trainer checkpoints at the step boundary and raises Preempted; the rerun on
+The interruption is a real SIGUSR1 (the injected fault `faults.signal_after_step` makes rank 0
+send it to itself after a step): the trainer checkpoints at the step boundary and raises Preempted; the rerun on
 the same run dir resumes mid-stage, then crosses into the next stages.
 """
 from __future__ import annotations
@@ -10,18 +10,17 @@ import pytest
 
 from evip.pipeline import load_pipeline, run_pipeline
 from evip.signals import Preempted
-from evip.trainer import SIGNAL_HOOK
 from trainer_helpers import TINY, generated_factory, train_losses
 
 COMMON = ["stages_all.data.recipe=unused.yaml", "stages_all.checkpoint.every_steps=2", "stages_all.checkpoint.keep_last=1"]
 
 
 def _run(run_dir, overrides, monkeypatch, signal_at=None):
+    """`signal_at` "STAGE:STEP": that stage's rank 0 sends itself SIGUSR1 after that 0-based step."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     if signal_at:
-        monkeypatch.setenv(SIGNAL_HOOK, signal_at)
-    else:
-        monkeypatch.delenv(SIGNAL_HOOK, raising=False)
+        stage, step = signal_at.split(":")
+        overrides = [*overrides, f"{stage}.faults.signal_after_step={step}"]
     run_pipeline(load_pipeline(TINY, COMMON + overrides), run_dir, loader_factory=generated_factory)
 
 

@@ -50,7 +50,7 @@ def test_sigkill_without_signal_handling_resumes_from_last_periodic_checkpoint(s
                                                                               tmp_path_factory):
     """Task-per-GPU form (2 srun tasks on one node). SIGKILL to the tasks (`scancel
     --signal=KILL JOB.0`, the step: no SIGTERM first, unlike a job cancel) after step 5 of the 8 of
-    s1_3_alignment, while step 6's checkpoint is being written (held open 20 s by a test hook, so the
+    s1_3_alignment, while step 6's checkpoint is being written (held open 20 s by `faults.checkpoint_sleep_*`, so the
     kill cannot miss the stage however fast its steps are); the batch script reports the killed tasks and fails the job (no requeue: it
     was not a preemption); the newest complete checkpoint is a periodic one (every 2 steps);
     `scontrol requeue` restarts the job, which retrains the steps after it and ends with the
@@ -58,7 +58,8 @@ def test_sigkill_without_signal_handling_resumes_from_last_periodic_checkpoint(s
     reference, env, overrides, _, _ = reference_losses(tmp_path_factory)
     run, log = tmp_path / "run", tmp_path / "job.log"
     job = sbatch(["-N", "1", "--ntasks-per-node=2", "-o", str(log), str(ROOT / "launch" / "slurm.sbatch"),
-                  TINY, str(run), *overrides], clean_env(**env, EVIP_TEST_CHECKPOINT_SLEEP="6:20"))
+                  TINY, str(run), *overrides, "stages_all.faults.checkpoint_sleep_step=6",
+                  "stages_all.faults.checkpoint_sleep_s=20"], clean_env(**env))
     try:
         wait_for(lambda: _steps_done(run, "s1_3_alignment") >= 5, 500, "step 5 of s1_3_alignment", log)
         subprocess.run(["scancel", "--signal=KILL", f"{job}.0"], check=True, timeout=30)

@@ -8,17 +8,16 @@ import torch
 
 from evip.pipeline import load_pipeline, run_pipeline
 from evip.signals import TooManyNonFinite
-from evip.trainer import NAN_HOOK
 from trainer_helpers import TINY, generated_factory
 
 
 @pytest.mark.parametrize("zero", [0, 2])
 def test_nonfinite_steps_skipped_then_stop(tmp_path, monkeypatch, zero):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv(NAN_HOOK, "1,3,4")                      # 0-based steps whose loss is NaN
     engines = []
     lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", f"stages_all.zero_stage={zero}",
-                              "s1_1_concept.steps=8", "s1_1_concept.max_nonfinite=2"])
+                              "s1_1_concept.steps=8", "s1_1_concept.max_nonfinite=2",
+                              "s1_1_concept.faults.nonfinite_steps=[1,3,4]"])   # 0-based steps whose loss is NaN
     with pytest.raises(TooManyNonFinite, match="2 non-finite steps in a row"):
         run_pipeline(lp, tmp_path, loader_factory=generated_factory, on_engine=engines.append)
     recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -34,11 +33,10 @@ def test_skipped_step_leaves_weights_unchanged(tmp_path, monkeypatch):
     """Step 1 is NaN: the weights after 2 steps equal the weights after 1 step."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = {}
-    for name, steps, nan in (("one", 1, ""), ("two", 2, "1")):
-        monkeypatch.setenv(NAN_HOOK, nan)
+    for name, steps, nan in (("one", 1, "[]"), ("two", 2, "[1]")):
         engines = []
         lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", f"s1_1_concept.steps={steps}",
-                                  "s1_1_concept.schedule.kind=constant"])
+                                  "s1_1_concept.schedule.kind=constant", f"s1_1_concept.faults.nonfinite_steps={nan}"])
         lp.stages = lp.stages[:1]
         run_pipeline(lp, tmp_path / name, loader_factory=generated_factory, on_engine=engines.append)
         out[name] = {n: p.detach().clone() for n, p in engines[0].module.named_parameters()}
@@ -48,7 +46,6 @@ def test_skipped_step_leaves_weights_unchanged(tmp_path, monkeypatch):
 def test_stage_length_in_tokens_and_timed_checkpoints(tmp_path, monkeypatch):
     """tokens=100 with 32-token micro-batches: 4 steps; every_minutes tiny: a checkpoint after every step."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.delenv(NAN_HOOK, raising=False)
     lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", "s1_1_concept.steps=0", "s1_1_concept.tokens=100",
                               "s1_1_concept.checkpoint.every_minutes=1e-6", "s1_1_concept.checkpoint.keep_last=10"])
     lp.stages = lp.stages[:1]
@@ -65,7 +62,6 @@ def test_zero0_clips_and_reports_grad_norm_like_zero2(tmp_path, monkeypatch):
     norm depends on the first, clipped update."""
     from safetensors.torch import load_file
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.delenv(NAN_HOOK, raising=False)
     norms, weights = {}, {}
     for zero in (0, 2):
         lp = load_pipeline(TINY, ["stages_all.data.recipe=unused.yaml", f"stages_all.zero_stage={zero}",

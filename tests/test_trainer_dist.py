@@ -1,6 +1,6 @@
 """Two ranks through real torchrun (gloo, CPU), the real data loader on generated shards.
 
-- a SIGUSR1 (test hook: rank 0 signals itself during a step; rank 1 learns through the all-reduce)
+- a SIGUSR1 (injected with `faults.signal_after_step`: rank 0 signals itself after a step; rank 1 learns through the all-reduce)
   -> checkpoint at the step boundary -> exit 75 on every rank -> rerun continues; losses
   bit-identical to an uninterrupted 2-rank run, across the stage boundary;
 - the same preempted run resumed by ONE process (world size 2 -> 1): DeepSpeed universal checkpoint
@@ -41,7 +41,7 @@ def test_two_ranks_preempt_resume_and_world_size_change(pipeline, tmp_path):
     r = _evip(["run", str(pipeline), "--run-dir", str(straight)])
     assert r.returncode == 0, r.stderr[-3000:]
 
-    r = _evip(["run", str(pipeline), "--run-dir", str(resumed)], {"EVIP_TEST_SIGNAL_AT": "s1_1_concept:2"})
+    r = _evip(["run", str(pipeline), "--run-dir", str(resumed), "s1_1_concept.faults.signal_after_step=2"])
     assert r.returncode != 0 and "preempted" in r.stderr, r.stderr[-3000:]
     assert (resumed / "stages" / "0_s1_1_concept" / "ckpt" / "latest").read_text().strip() == "step_00000003"
     shutil.copytree(resumed, fewer)
