@@ -46,7 +46,8 @@ from evip.data.record import BadSample
 from evip.model.vision import IMAGENET_MEAN, IMAGENET_STD, normalise_pixels
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageConfig", "ImageProcessor", "capped_size", "choose_grid",
-           "cut_tiles", "decode", "pixels_view", "resize_bicubic", "resolve_resize", "torch_view", "open_header", "target_ratios", "tile_image", "to_rgb"]
+           "cut_tiles", "decode", "open_header", "pixels_view", "resize_bicubic", "resolve_resize",
+           "target_ratios", "tile_image", "to_rgb", "torch_view"]
 
 
 @dataclass
@@ -113,10 +114,10 @@ def resolve_resize(resize: str) -> str:
 
 
 def tile_image(img: Image.Image, tile: int, grid: tuple[int, int], use_thumbnail: bool,
-               resize: str = "torch") -> np.ndarray:
+               resize: str) -> np.ndarray:
     """InternVL's `dynamic_preprocess` on an RGB (or "L") image, as uint8 [n, 3, tile, tile]:
     resize to the grid (bicubic), cut row-major, the thumbnail (the whole image resized) last
-    when the grid has more than one tile. `resize` picks the bicubic (see `ImageConfig.resize`)."""
+    when the grid has more than one tile. `resize`: "torch" or "pil" (see `resolve_resize`)."""
     cols, rows = grid
     sizes = [(tile * cols, tile * rows)] + ([(tile, tile)] if use_thumbnail and rows * cols != 1 else [])
     src = torch_view(img) if resize == "torch" else img
