@@ -109,7 +109,7 @@ def stage_breakdown(files: list[bytes], builder, rounds: int) -> dict:
     """Milliseconds per sample of each stage run on its own (decode as the pipeline does it,
     bicubic resize to the grid, thumbnail resize, cut into tiles, tokenise+labels; median over
     rounds) to show where the pipeline's time goes; plus the full decode-only time."""
-    from evip.data.images import capped_size, cut_tiles, decode, open_header, resize_bicubic, torch_view
+    from evip.data.images import cut_tiles, open_header, resize_bicubic, torch_view
     from evip.data.text import assemble, caption_segments
     proc, resize = builder.images, builder.images.resize
     keys = ("decode_full", "decode", "resize_grid", "resize_thumbnail", "cut", "tokenise")
@@ -119,12 +119,10 @@ def stage_breakdown(files: list[bytes], builder, rounds: int) -> dict:
         for i, data in enumerate(files):
             head = open_header(data, proc.cfg.bomb_pixels)
             grid = proc.grid(*head.size)
-            w, h = capped_size(*head.size, proc.cfg.max_pixels)
-            need = (min(max(proc.tile * grid[0], proc.tile), w), min(max(proc.tile * grid[1], proc.tile), h))
             t = [time.process_time()]
             Image.open(io.BytesIO(data)).convert("RGB")
             t.append(time.process_time())
-            img = decode(head, proc.cfg, need)
+            img = proc.decode_for(head, grid)
             src = torch_view(img) if resize == "torch" else img
             t.append(time.process_time())
             resized = resize_bicubic(src, (proc.tile * grid[0], proc.tile * grid[1]), resize)

@@ -62,8 +62,8 @@ class EvalConfig:
 
 @dataclass
 class FaultConfig:
-    """Faults to inject, for tests of the recovery paths; all off by default. A resumed run gets
-    them only if its command line sets them again."""
+    """Faults to inject, for tests of the recovery paths; all off by default. Not saved with a
+    checkpoint: a resumed run injects them only if its own config sets them again."""
     nonfinite_steps: list[int] = field(default_factory=list)   # 0-based steps whose loss is made NaN
     signal_after_step: int = -1       # >= 0: rank 0 sends itself a real SIGUSR1 after this 0-based step
     checkpoint_sleep_step: int = -1   # >= 0: rank 0 holds the write of this step's checkpoint open

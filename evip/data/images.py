@@ -176,8 +176,11 @@ def pixels_view(im: Image.Image) -> np.ndarray:
     """[h, w, c] uint8 view of an RGB (c=3) or L (c=1) image. Zero-copy when the image is one
     memory block (`np.asarray` copies twice, via `tobytes`). Read it while `im` lives."""
     flat = _zero_copy_pixels(im)
-    if flat is not None:
-        return flat[..., :3]
+    return flat[..., :3] if flat is not None else _copied_pixels(im)
+
+
+def _copied_pixels(im: Image.Image) -> np.ndarray:
+    """[h, w, c] uint8 copy of an RGB or "L" image (where no zero-copy view is possible)."""
     a = np.asarray(im)
     return a[..., None] if a.ndim == 2 else a
 
@@ -188,8 +191,7 @@ def torch_view(im: Image.Image) -> torch.Tensor:
     ~3x slower on the 3-of-4 strided view), without a copy when possible."""
     pixels = _zero_copy_pixels(im)
     if pixels is None:
-        pixels = np.asarray(im)
-        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+        pixels = _copied_pixels(im)
     with warnings.catch_warnings():              # read-only buffer: interpolate only reads it
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(pixels).permute(2, 0, 1)[None]
@@ -286,7 +288,12 @@ class ImageProcessor:
     def uint8_tiles(self, data: bytes, grid: tuple[int, int]) -> np.ndarray:
         """Decode (bomb-guarded, drafted when far too large) and tile on `grid` (columns, rows):
         uint8 [n_tiles(grid), 3, tile, tile]."""
-        head = open_header(data, self.cfg.bomb_pixels)
+        img = self.decode_for(open_header(data, self.cfg.bomb_pixels), grid)
+        return tile_image(img, self.tile, grid, self.cfg.use_thumbnail, self.resize)
+
+    def decode_for(self, head: Image.Image, grid: tuple[int, int]) -> Image.Image:
+        """The header's image decoded for tiling on `grid`: drafted no smaller than the grid
+        needs, grey kept as one band."""
         w, h = capped_size(*head.size, self.cfg.max_pixels)
         cols, rows = grid
         need = (self.tile * cols, self.tile * rows)
@@ -295,8 +302,7 @@ class ImageProcessor:
         need = (min(need[0], w), min(need[1], h))   # never ask the decoder for more than the image
         # The grid comes from the (capped) header size; pixels are resized straight from the
         # decoded (possibly drafted) image to the grid: one resample, never a full-size detour.
-        img = decode(head, self.cfg, need, keep_grey=True)   # grey photos resize as 1 band, not 3
-        return tile_image(img, self.tile, (cols, rows), self.cfg.use_thumbnail, self.resize)
+        return decode(head, self.cfg, need, keep_grey=True)   # grey photos resize as 1 band, not 3
 
     @staticmethod
     def normalise(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
