@@ -305,3 +305,36 @@ def test_only_imagenet_mean_std_are_accepted():
     assert ImageConfig(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]).mean == list(IMAGENET_MEAN)
     with pytest.raises(ValueError, match="image.mean"):
         ImageConfig(mean=[0.5, 0.5, 0.5])
+
+
+_TILES_DIGEST = """
+import hashlib, io
+import numpy as np
+import torch
+from PIL import Image
+from evip.data.images import ImageConfig, ImageProcessor
+rng = np.random.default_rng(0)
+digest = hashlib.sha256()
+for w, h in [(900, 600), (333, 777), (97, 61)]:
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    buf = io.BytesIO(); img.save(buf, "PNG")
+    for max_tiles in (1, 6):
+        tiles = ImageProcessor(ImageConfig(max_tiles=max_tiles, resize="torch"), 448)(buf.getvalue())
+        digest.update(tiles.numpy().tobytes())
+print(torch.backends.cpu.get_cpu_capability(), digest.hexdigest())
+"""
+
+
+def test_torch_resize_gives_the_same_pixels_on_every_cpu_capability():
+    """torch's uint8 bicubic is integer arithmetic: the same tiles from its AVX-512, AVX2 and
+    plain kernels (child processes with ATEN_CPU_CAPABILITY), so mixed clusters agree."""
+    import os
+    import subprocess
+    import sys
+    runs = {}
+    for cap in ("", "avx2", "default"):
+        out = subprocess.run([sys.executable, "-c", _TILES_DIGEST], capture_output=True, text=True, check=True,
+                             env={**os.environ, "ATEN_CPU_CAPABILITY": cap}, timeout=120).stdout.split()
+        runs[out[0]] = out[1]
+    assert "DEFAULT" in runs and len(runs) >= 2, runs
+    assert len(set(runs.values())) == 1, runs
