@@ -75,8 +75,10 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous(pipeline, tmp_path
 
 
 def test_sigusr1_checkpoints_exits_75_and_rerun_continues(pipeline, tmp_path):
+    """Step 2's periodic checkpoint is held open 10 s, so the signal sent after step 1 lands
+    mid-stage however fast the steps are; the rerun holds nothing (faults are not saved)."""
     run = tmp_path / "run"
-    proc = _start(pipeline, run)
+    proc = _start(pipeline, run, ["stages_all.faults.checkpoint_sleep_step=2", "stages_all.faults.checkpoint_sleep_s=10"])
     _wait_for(proc, "step 1/6")
     proc.send_signal(signal.SIGUSR1)
     out = proc.communicate()[0]

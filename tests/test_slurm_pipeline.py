@@ -26,12 +26,19 @@ def _steps_done(run: Path, stage: str) -> int:
 
 def test_preempted_mid_stage_by_high_priority_job_resumes_with_identical_losses(slurm, tmp_path,
                                                                                tmp_path_factory):
+    """A high-priority job preempts the run in s1_2_semantic (4 steps): it is submitted once the
+    write of step 2's checkpoint is being held open 8 s (`faults.checkpoint_sleep_*`), so SLURM's
+    signal lands mid-stage however fast the steps are (on a fast CPU the whole tiny pipeline
+    takes ~7 s), and the rest of the hold, step 3 and its checkpoint fit the partition's 15 s
+    GraceTime (a hold much longer gets the job killed instead)."""
     reference, env, overrides, _, _ = reference_losses(tmp_path_factory)
     run, log = tmp_path / "run", tmp_path / "job.log"
     job = sbatch(["-p", "low", "-N", "2", "-o", str(log), str(ROOT / "launch" / "slurm.sbatch"), TINY,
-                  str(run), *overrides], clean_env(**env))
+                  str(run), *overrides, "s1_2_semantic.faults.checkpoint_sleep_step=2",
+                  "s1_2_semantic.faults.checkpoint_sleep_s=8"], clean_env(**env))
     try:
-        wait_for(lambda: _steps_done(run, "s1_2_semantic") >= 1, 400, "step 1 of s1_2_semantic", log)
+        wait_for(lambda: log.exists() and "holding the write of step_00000002" in log.read_text(), 400,
+                 "the held write of s1_2_semantic's step 2", log)
         sbatch(["-p", "high", "-N", "2", "--exclusive", "-o", str(tmp_path / "high.log"), "--wrap", "true"],
                clean_env())
         info = wait_done(job, 600, log)
