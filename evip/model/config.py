@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+VISUAL_FFN_INITS = ("copy", "random", "none")
+
+
 @dataclass
 class ModelConfig:
     # --- language model (Llama / Qwen2 / InternLM2 family) ---
@@ -30,12 +33,24 @@ class ModelConfig:
     downsample_ratio: float = 0.5        # pixel shuffle: 2x2 patches -> one token
     # --- experts ---
     visual_attention_experts: bool = False   # Mono-InternVL-1.5 style, off by default
+    # How the visual FFN experts start when a pretrained LLM is upcycled: "copy" of the text FFN
+    # (the paper's choice), "random" (normal(0, 0.02), the ablation), or "none": no visual expert
+    # at all, image tokens go through the text FFN (the ablation without experts).
+    visual_ffn: str = "copy"
     # --- special tokens (set from the tokenizer once the image tokens are added) ---
     img_context_token_id: int = 92546
     pad_token_id: int = 0
     # --- execution ---
     attn_impl: str = "auto"              # auto | sdpa | flash (flash-attn varlen, GPU only)
     activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.visual_ffn not in VISUAL_FFN_INITS:
+            raise ValueError(f"model.visual_ffn={self.visual_ffn!r}: expected one of {', '.join(VISUAL_FFN_INITS)}")
+
+    @property
+    def has_visual_ffn(self) -> bool:
+        return self.visual_ffn != "none"
 
     @property
     def grid(self) -> int:

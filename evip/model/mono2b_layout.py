@@ -161,6 +161,9 @@ def save_mono2b(model: nn.Module, directory: str | Path, cfg: ModelConfig | None
                 max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Export in the released layout: safetensors (sharded when large) + config.json (+ tokenizer)."""
     cfg = cfg if cfg is not None else model.cfg
+    if not cfg.has_visual_ffn:
+        raise ValueError("model.visual_ffn=none (the no-expert ablation) has no visual FFN experts, and the "
+                         "Mono-InternVL layout needs one per layer: export a model trained with visual experts")
     directory = Path(directory)
     state = {k: v for k, v in model.state_dict().items() if k in dict(model.named_parameters())}
     released = to_released(state, cfg)

@@ -1,6 +1,7 @@
 """Upcycling a text LLM into Mono-InternVL: what each new parameter starts from.
 
 - visual FFN `feed_forward_ve` (and visual attention `attention_ve`) = a copy of the text weights;
+  with `model.visual_ffn=random` (an ablation) the visual FFN starts fresh like the patch embedding;
 - new vocabulary rows (the image / grounding tokens) of the embedding and the head = the mean of
   the rows of the tokens the base tokenizer already had;
 - patch embedding and projector: fresh, deterministic in (seed, parameter name), the model's init.
@@ -34,6 +35,12 @@ def is_vision(name: str) -> bool:
     return name.startswith(VISION_PREFIXES)
 
 
+def starts_fresh(name: str, visual_ffn: str) -> bool:
+    """Whether upcycling initialises `name` rather than reading it from the LLM: the patch
+    embedding and projector always; the visual FFN experts when `visual_ffn` is "random"."""
+    return is_vision(name) or (visual_ffn == "random" and ".feed_forward_ve." in name)
+
+
 @dataclass(frozen=True)
 class VocabExtension:
     """How the vocabulary grows: `base_rows` rows in the checkpoint, `known` real tokens among them."""
@@ -63,7 +70,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def init_vision_param(name: str, shape: torch.Size, seed: int, std: float = INIT_STD) -> torch.Tensor:
-    """A fresh patch-embedding / projector parameter, the scheme of `MonoInternVL.init_weights`:
+    """A fresh patch-embedding / projector (or random visual FFN) parameter, the scheme of `MonoInternVL.init_weights`:
     normal(0, std) for conv / linear weights and the class / position embeddings, zero biases,
     LayerNorm ones / zeros. Deterministic in (seed, name), whatever order parameters are visited in.
     """

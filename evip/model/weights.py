@@ -26,7 +26,7 @@ from evip.model.meta_load import build_empty, materialize
 from evip.model.mono2b_layout import load_mono2b, save_mono2b
 from evip.model.safetensors_io import SafetensorsCheckpoint
 from evip.model.tokens import SPECIAL_TOKENS, add_image_tokens
-from evip.model.upcycle import VocabExtension, init_vision_param, is_expert_copy, is_vision, text_source_of
+from evip.model.upcycle import VocabExtension, init_vision_param, is_expert_copy, starts_fresh, text_source_of
 
 __all__ = ["load_pretrained_llm", "load_mono2b", "save_mono2b"]
 
@@ -50,7 +50,7 @@ def load_pretrained_llm(source: str | Path, vision: Mapping[str, Any] | None = N
     """Upcycle a pretrained causal LM (HF directory or `.gguf` file) into a Mono-InternVL model.
 
     Text weights are the LLM's; visual FFNs (and visual attention experts when enabled) are
-    copies of the text ones; the tokenizer gains the image / grounding tokens, whose embedding and
+    copies of the text ones (`vision={"visual_ffn": "random"}`: fresh; "none": absent); the tokenizer gains the image / grounding tokens, whose embedding and
     head rows are the mean of the known rows; patch embedding and projector are initialised from
     `seed`. `vision` sets our non-LLM ModelConfig fields (tile size, patch size, D, experts...).
     `dtype` defaults to the checkpoint's (fp32 for GGUF). Returns (model, tokenizer) with
@@ -87,7 +87,7 @@ def load_pretrained_llm(source: str | Path, vision: Mapping[str, Any] | None = N
     packed: dict[str, torch.Tensor] = {}  # InternLM2: one wqkv read serves q, k and v
 
     def produce(name: str, shape: torch.Size) -> torch.Tensor:
-        if is_vision(name):
+        if starts_fresh(name, cfg.visual_ffn):
             return init_vision_param(name, shape, seed)
         key, pick = hf_key(family, text_source_of(name), cfg)
         if pick is not None:
@@ -104,7 +104,7 @@ def load_pretrained_llm(source: str | Path, vision: Mapping[str, Any] | None = N
         return t
 
     def where_of(name: str) -> str:
-        return "initialisation" if is_vision(name) else tensors.where(hf_key(family, text_source_of(name), cfg)[0])
+        return "initialisation" if starts_fresh(name, cfg.visual_ffn) else tensors.where(hf_key(family, text_source_of(name), cfg)[0])
 
     materialize(model, produce, dtype, where_of)
     return model, tok
