@@ -46,7 +46,7 @@ def mean_loss(engine, batches) -> float:
     engine.eval()
     try:
         for b in batches:
-            out = engine(**{k: v.to(engine.device) for k, v in b.items()})
+            out = engine(**{k: v.to(engine.device) for k, v in b.items()}, return_logits=False)
             acc[0] += out.loss_sum.double()
             acc[1] += out.num_tokens.double()
     finally:

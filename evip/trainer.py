@@ -174,7 +174,7 @@ class StageTrainer:
             batch = next(data_iter)
             wait += time.perf_counter() - t
             batch = {k: batch[k].to(self.device, non_blocking=True) for k in BATCH_KEYS if k in batch}
-            out = engine(**batch)
+            out = engine(**batch, return_logits=False)     # the head runs on labelled positions only
             loss = out.loss * float("nan") if poison else out.loss
             engine.backward(loss)
             engine.step()
