@@ -9,7 +9,7 @@ CONSTR  := $(VENV)/constraints.txt
 # is built once per checkout, not again whenever another checkout's venv used the shared cache.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo ablations bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ test-fast: setup
 # All four EViP stages on CPU from the real SmolLM2-135M-Instruct, then accuracy, plots and summary.
 demo: setup
 	demo/run.sh runs/demo
+
+# The paper's ablations in miniature (frozen LLM vs full fine-tuning, visual FFN copy / random /
+# none, data scaling) on the demo's S1 stages; table, plots and JSON in runs/ablations/.
+ablations: setup
+	demo/ablate.sh runs/ablations
 
 # Every benchmark in bench/; each prints one JSON object as its last line.
 bench: setup

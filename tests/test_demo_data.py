@@ -12,7 +12,7 @@ from PIL import Image
 
 from evip.demo import tasks
 from evip.demo.make_data import DemoDataConfig, build_demo_data, scene_seed
-from evip.demo.scenes import BACKGROUND, COLOURS, SHAPES, SLOTS, WORD_COLOUR, box_to_1000, render_scene
+from evip.demo.scenes import BACKGROUND, COLOURS, CONCEPT, SHAPES, SLOTS, WORD_COLOUR, box_to_1000, render_scene
 
 
 def test_render_is_deterministic_and_seeds_differ():
@@ -117,7 +117,7 @@ def test_build_writes_readable_shards_chats_and_heldout(tmp_path):
     assert first["txt"].decode() == meta["caption"]
     image = Image.open(__import__("io").BytesIO(first["png"]))
     assert image.size == (112, 112)
-    assert image.tobytes() == render_scene(scene_seed(0, "s1_1", 0), 112)[0].tobytes()
+    assert image.tobytes() == render_scene(scene_seed(0, "s1_1", 0), 112, CONCEPT)[0].tobytes()   # S1.1: simple pictures
     for name in ("s1_3/tasks.jsonl", "s2/chats.jsonl"):
         lines = (tmp_path / name).read_text().splitlines()
         assert len(lines) in (cfg.n_s1_3, cfg.n_s2)
@@ -126,6 +126,8 @@ def test_build_writes_readable_shards_chats_and_heldout(tmp_path):
             assert (tmp_path / name).parent.joinpath(rec["image"]).is_file()
             assert rec["conversations"][0]["from"] == "human"
             assert rec["conversations"][0]["value"].startswith("<image>\n")
+    probes = json.loads((tmp_path / "heldout/probes.json").read_text())
+    assert [p["kind"] for p in probes] == ["colour", "shape"] * 9 and all(p["form"] == "caption" for p in probes)
     qs = json.loads((tmp_path / "heldout/questions.json").read_text())
     assert len(qs) == 9 and all(0 <= q["answer"] < len(q["options"]) for q in qs)
     assert all((tmp_path / "heldout" / q["image"]).is_file() for q in qs)
@@ -158,3 +160,41 @@ def test_heldout_question_kinds_do_not_follow_the_scene_layout():
         assert 0.2 <= kinds[kind] / 400 <= 0.4, kinds
         assert sizes[kind] == {1, 2, 3, 4}, (kind, sizes[kind])
     assert 0.05 <= kinds["word"] / 400 <= 0.3, kinds
+
+
+def test_concept_pictures_are_simple_and_large():
+    """S1.1's style: one large shape in the centre or two side by side, no words; facts match pixels."""
+    n = {1: 0, 2: 0}
+    for seed in range(200):
+        image, scene = render_scene(seed, 112, CONCEPT)
+        px = np.asarray(image)
+        n[len(scene.objects)] += 1
+        assert scene.word is None
+        if len(scene.objects) == 1:
+            assert scene.objects[0].position == "centre"
+        for o in scene.objects:
+            assert tuple(px[o.center[1], o.center[0]]) == COLOURS[o.colour]
+            x1, y1, x2, y2 = o.box
+            assert (x2 - x1) >= 0.3 * 112                       # large: at least 30% of the side
+        assert tuple(px[0, 0]) == BACKGROUND
+    assert n[1] > 60 and n[2] > 60, n
+
+
+def test_concept_alt_text_names_its_objects_with_light_noise():
+    names, tags = 0, 0
+    for seed in range(300):
+        _, scene = render_scene(seed, 112, CONCEPT)
+        text = tasks.noisy_alt_text(scene, random.Random(seed), tasks.CONCEPT_NOISE)
+        names += all(o.name in text.lower() for o in scene.objects)
+        tags += any(t in text.lower() for t in tasks.JUNK_TAGS)
+    assert names > 0.8 * 300 and 0.2 * 300 < tags < 0.8 * 300, (names, tags)
+
+
+def test_caption_probes_change_one_attribute():
+    for seed in range(50):
+        _, scene = render_scene(seed)
+        probes = tasks.caption_probes(scene, random.Random(seed))
+        for p, values in zip(probes, (list(COLOURS), list(SHAPES))):
+            assert len(p["options"]) == len(values) == len(set(p["options"]))
+            assert p["options"][p["answer"]] == tasks.dense_caption(scene)       # the truth is among them
+            assert p["object"] in p["options"][p["answer"]]

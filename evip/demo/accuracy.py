@@ -95,11 +95,16 @@ class ModelOptionScorer:
         self.builder = builder
 
     def samples(self, question: dict, image: bytes) -> list:
+        """One sample per option: a one-turn chat answering the question, or (a caption probe,
+        `"form": "caption"`) the option itself as the picture's caption."""
         from evip.data.record import Record
+        where = dict(source="heldout", shard=str(question.get("image_path", "")), images=[image])
+        if question.get("form") == "caption":
+            return [self.builder(Record(key=f"{question.get('id', '?')}#{i}", kind="caption", text=option, **where))
+                    for i, option in enumerate(question["options"])]
         human = {"from": "human", "value": f"<image>\n{question['question']}"}
-        return [self.builder(Record(key=f"{question.get('id', '?')}#{i}", source="heldout",
-                                    shard=str(question.get("image_path", "")), kind="chat", images=[image],
-                                    conversations=[human, {"from": "gpt", "value": option}]))
+        return [self.builder(Record(key=f"{question.get('id', '?')}#{i}", kind="chat",
+                                    conversations=[human, {"from": "gpt", "value": option}], **where))
                 for i, option in enumerate(question["options"])]
 
     @torch.no_grad()

@@ -2,15 +2,19 @@
 
 Layout under OUT_DIR (every path below is what the demo recipes in `demo/recipes/` point at):
 
-    s1_1/shard-00000.tar ...     img2dataset layout: {key}.png, {key}.txt (noisy alt-text), {key}.json
-    s1_2/shard-00000.tar ...     same layout, exact dense captions
+    s1_1/shard-00000.tar ...     img2dataset layout: {key}.png, {key}.txt (noisy alt-text), {key}.json;
+                                 simple pictures (one or two large shapes: scenes.CONCEPT)
+    s1_2/shard-00000.tar ...     same layout, richer scenes (scenes.RICH) with exact dense captions
     s1_3/shard-00000.tar ...     same layout, dense captions (the captioning task)
     s1_3/tasks.jsonl + images/   LLaVA-format single-turn task chats: grounding, counting, OCR
     s2/chats.jsonl + images/     LLaVA-format multi-turn chats
     heldout/questions.json + images/   multiple-choice questions with the right option's index
+    heldout/probes.json          caption probes: the colour / shape of one object, options = captions
     manifest.json                counts, shards and the config that made them
 
 Scene seeds are disjoint per split (`scene_seed`), so no held-out picture is a training picture.
+The curriculum is coarse to fine, as the paper's: S1.1 sees many simple pictures, every later
+split (and the held-out set) the richer scenes.
 """
 from __future__ import annotations
 
@@ -23,17 +27,24 @@ from pathlib import Path
 import webdataset as wds
 
 from evip.demo import tasks
-from evip.demo.scenes import render_scene
+from evip.demo.scenes import CONCEPT, RICH, SceneStyle, render_scene
 
 SPLITS = ("s1_1", "s1_2", "s1_3", "s2", "heldout")
+STYLE_OF: dict[str, SceneStyle] = {"s1_1": CONCEPT, "s1_2": RICH, "s1_3": RICH, "s2": RICH, "heldout": RICH}
+ALT_TEXT_NOISE = {"s1_1": tasks.CONCEPT_NOISE}      # a split's alt-text noise (default tasks.WEB_NOISE)
+
+
+def scene(seed: int, split: str, size: int):
+    """The rendered picture and facts of one scene of `split`, in that split's style."""
+    return render_scene(seed, size, STYLE_OF[split])
 
 
 @dataclass
 class DemoDataConfig:
     seed: int = 0
     image_size: int = 112          # rendered side in pixels (the model tiles/resizes it)
-    n_s1_1: int = 2000
-    n_s1_2: int = 1000
+    n_s1_1: int = 3200
+    n_s1_2: int = 1600
     n_s1_3: int = 1000             # task chats; as many captioning samples again in tar shards
     n_s2: int = 600
     n_heldout: int = 200
@@ -72,11 +83,12 @@ def _write_shards(out: Path, samples, per_shard: int) -> list[str]:
 def _caption_samples(cfg: DemoDataConfig, split: str, n: int, exact: bool):
     for i in range(n):
         s = scene_seed(cfg.seed, split, i)
-        image, scene = render_scene(s, cfg.image_size)
+        image, facts = scene(s, split, cfg.image_size)
         rng = tasks.text_rng(s)
-        txt = tasks.dense_caption(scene) if exact else tasks.noisy_alt_text(scene, rng)
+        noise = ALT_TEXT_NOISE.get(split, tasks.WEB_NOISE)
+        txt = tasks.dense_caption(facts) if exact else tasks.noisy_alt_text(facts, rng, noise)
         meta = {"key": f"{split}_{i:07d}", "caption": txt, "width": cfg.image_size,
-                "height": cfg.image_size, "scene": scene.to_dict()}
+                "height": cfg.image_size, "scene": facts.to_dict()}
         yield meta["key"], _png(image), txt, meta
 
 
@@ -88,11 +100,11 @@ def _write_chats(out: Path, split: str, cfg: DemoDataConfig, n: int, offset: int
     with open(out / name, "w") as f:
         for i in range(offset, offset + n):
             s = scene_seed(cfg.seed, split, i)
-            image, scene = render_scene(s, cfg.image_size)
+            image, facts = scene(s, split, cfg.image_size)
             key = f"{split}_{i:07d}"
             image.save(out / "images" / f"{key}.png", compress_level=1)
             record = {"id": key, "image": f"images/{key}.png",
-                      "conversations": make_turns(scene, tasks.text_rng(s))}
+                      "conversations": make_turns(facts, tasks.text_rng(s))}
             f.write(json.dumps(record) + "\n")
     return name
 
@@ -104,15 +116,19 @@ def _task_turns(scene, rng, n: int = 2):
 
 def _write_heldout(out: Path, cfg: DemoDataConfig) -> None:
     (out / "images").mkdir(parents=True, exist_ok=True)
-    questions = []
+    questions, probes = [], []
     for i in range(cfg.n_heldout):
         s = scene_seed(cfg.seed, "heldout", i)
-        image, scene = render_scene(s, cfg.image_size)
+        image, facts = scene(s, "heldout", cfg.image_size)
         key = f"heldout_{i:07d}"
         image.save(out / "images" / f"{key}.png", compress_level=1)
-        q = tasks.heldout_question(scene, tasks.text_rng(s))
+        rng = tasks.text_rng(s)
+        q = tasks.heldout_question(facts, rng)
         questions.append({"id": key, "image": f"images/{key}.png", **q})
+        probes += [{"id": f"{key}_{p['kind']}", "image": f"images/{key}.png", **p}
+                   for p in tasks.caption_probes(facts, rng)]
     (out / "questions.json").write_text(json.dumps(questions, indent=1))
+    (out / "probes.json").write_text(json.dumps(probes, indent=1))
 
 
 def build_demo_data(out_dir: str | Path, cfg: DemoDataConfig | None = None) -> dict:
@@ -143,6 +159,7 @@ def build_demo_data(out_dir: str | Path, cfg: DemoDataConfig | None = None) -> d
         "shards": {k: [f"{k}/{n}" for n in v] for k, v in shards.items()},
         "jsonl": jsonl,
         "heldout": "heldout/questions.json",
+        "probes": "heldout/probes.json",
         "counts": {"s1_1": cfg.n_s1_1, "s1_2": cfg.n_s1_2, "s1_3_captions": cfg.n_s1_3,
                    "s1_3_tasks": cfg.n_s1_3, "s2": cfg.n_s2, "heldout": cfg.n_heldout,
                    "heldout_captions": cfg.n_heldout},

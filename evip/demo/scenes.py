@@ -1,7 +1,10 @@
 """Deterministic synthetic scenes: a few coloured shapes and maybe a short word, with their facts.
 
-A scene is drawn from a seed alone (`render_scene(seed)`), so the same seed always gives the
-same pixels and the same facts. Objects sit in distinct named slots (left, right, top, bottom,
+A scene is drawn from a seed and a style alone (`render_scene(seed, style=...)`), so the same
+seed always gives the same pixels and the same facts. Two styles make the demo's coarse-to-fine
+curriculum: `CONCEPT` (S1.1: one large shape in the centre, or two large ones side by side, no
+words) and `RICH` (S1.2 onwards and the held-out set: up to four smaller shapes in five slots,
+maybe a word). Objects sit in distinct named slots (left, right, top, bottom,
 centre) so every fact is unambiguous: "the red circle is on the left", "there are 3 shapes",
 "the word is 'fish'". Each (colour, shape) pair occurs at most once per scene, so a referring
 expression like "red circle" names exactly one object (what grounding needs).
@@ -36,6 +39,28 @@ WORDS = ("cat", "dog", "sun", "map", "box", "fish", "tree", "milk", "cup", "bus"
 WORD_COLOUR = (20, 20, 20)
 BACKGROUND = (245, 245, 240)
 MAX_SHAPES = 4
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """What a scene may hold: how many shapes, how big (radius as a fraction of the side), where
+    (slot name -> centre as fractions of the side; one shape sits in `single_slot`), and how often
+    a word is written."""
+    name: str
+    min_shapes: int
+    max_shapes: int
+    radius: float
+    slots: tuple[tuple[str, tuple[float, float]], ...]
+    word_probability: float
+    single_slot: str | None = None          # where a lone shape goes (None: any slot)
+    single_radius: float | None = None      # a lone shape's radius (None: `radius`)
+
+
+RICH = SceneStyle("rich", 1, MAX_SHAPES, RADIUS, tuple(SLOTS.items()), 0.5)
+CONCEPT = SceneStyle("concept", 1, 2, 0.2,
+                     (("left", (0.27, 0.5)), ("right", (0.73, 0.5)), ("centre", (0.5, 0.5))),
+                     0.0, single_slot="centre", single_radius=0.34)   # a lone shape fills the picture
+STYLES = {s.name: s for s in (RICH, CONCEPT)}
 
 
 @dataclass
@@ -113,11 +138,17 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     return _box_of(pts)
 
 
-def sample_layout(rng: random.Random) -> tuple[list[tuple[str, str, str]], tuple[str, str] | None]:
+def sample_layout(rng: random.Random, style: SceneStyle = RICH
+                  ) -> tuple[list[tuple[str, str, str]], tuple[str, str] | None]:
     """Pick (shape, colour, slot) triples and an optional (word, slot), all slots distinct."""
-    n_shapes = rng.randint(1, MAX_SHAPES)
-    with_word = rng.random() < 0.5 and n_shapes < len(SLOTS)
-    slots = rng.sample(list(SLOTS), n_shapes + int(with_word))
+    n_shapes = rng.randint(style.min_shapes, style.max_shapes)
+    with_word = rng.random() < style.word_probability and n_shapes < len(style.slots)
+    names = [name for name, _ in style.slots]
+    if n_shapes == 1 and not with_word and style.single_slot is not None:
+        slots = [style.single_slot]
+    else:
+        names = [n for n in names if n != style.single_slot] if style.single_slot else names
+        slots = rng.sample(names, n_shapes + int(with_word))
     pairs = rng.sample([(s, c) for s in SHAPES for c in COLOURS], n_shapes)
     objects = [(s, c, slot) for (s, c), slot in zip(pairs, slots)]
     word = (rng.choice(WORDS), slots[-1]) if with_word else None
@@ -135,25 +166,27 @@ def _fitting_font(text: str, size: int) -> ImageFont.FreeTypeFont:
     return font
 
 
-def render_scene(seed: int, size: int = 112) -> tuple[Image.Image, Scene]:
-    """Render the scene of `seed` as an RGB image of `size` x `size`; return it with its facts."""
+def render_scene(seed: int, size: int = 112, style: SceneStyle = RICH) -> tuple[Image.Image, Scene]:
+    """Render the scene of `seed` in `style` as an RGB image of `size` x `size`; return it with its facts."""
     if size < 32:
         raise ValueError(f"scene size {size} too small to draw legible shapes and words (min 32)")
     rng = random.Random(seed)
-    objects, word = sample_layout(rng)
+    objects, word = sample_layout(rng, style)
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     scene = Scene(seed=seed, size=size)
-    r = RADIUS * size
+    centres = dict(style.slots)
+    lone = len(objects) == 1 and style.single_radius is not None
+    r = (style.single_radius if lone else style.radius) * size
     for shape, colour, slot in objects:
-        fx, fy = SLOTS[slot]
+        fx, fy = centres[slot]
         cx, cy = fx * size, fy * size
         box = _draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
         scene.objects.append(SceneObject(shape, colour, slot, (round(cx), round(cy)), box))
     if word is not None:
         text, slot = word
         font = _fitting_font(text, size)
-        fx, fy = SLOTS[slot]
+        fx, fy = centres[slot]
         draw.text((fx * size, fy * size), text, fill=WORD_COLOUR, font=font, anchor="mm")
         box = draw.textbbox((fx * size, fy * size), text, font=font, anchor="mm")
         scene.word = SceneWord(text, slot, tuple(int(v) for v in box))

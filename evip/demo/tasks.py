@@ -12,6 +12,7 @@ Every function takes a `random.Random` so that a seed fixes the text as well as 
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from evip.demo.scenes import COLOURS, SHAPES, SLOTS, WORDS, Scene, SceneObject, box_to_1000
@@ -49,24 +50,46 @@ def _typo(word: str, rng: random.Random) -> str:
     return word[:i] + word[i] + word[i:]         # double a letter
 
 
-def noisy_alt_text(scene: Scene, rng: random.Random) -> str:
+@dataclasses.dataclass(frozen=True)
+class AltTextNoise:
+    """How noisy web alt-text is: each object kept with `keep`, named with its colour with
+    `colour`, each word misspelt with `typo`; the words shuffled with `shuffle`; all upper case
+    with `upper`; 0 to `max_tags` junk tags and a file name with `file_name`, as on the web. `phrases`: an object's
+    words stay together ("red circle"); otherwise each word is its own item between separators."""
+    keep: float = 0.75
+    colour: float = 0.8
+    typo: float = 0.15
+    shuffle: float = 0.5
+    upper: float = 0.1
+    phrases: bool = False
+    max_tags: int = 3
+    file_name: float = 0.3
+
+
+WEB_NOISE = AltTextNoise()
+# S1.1's simple pictures: the alt-text of a picture of one object mostly names it (as an image
+# search result's does), still with typos, junk tags, file names and capitals.
+CONCEPT_NOISE = AltTextNoise(keep=1.0, colour=1.0, typo=0.05, shuffle=0.0, upper=0.05, phrases=True, max_tags=1,
+                             file_name=0.1)
+
+
+def noisy_alt_text(scene: Scene, rng: random.Random, noise: AltTextNoise = WEB_NOISE) -> str:
     """S1.1: web alt-text: some of the objects, words shuffled, typos, junk tags, no grammar."""
-    kept = [o for o in scene.objects if rng.random() < 0.75] or [rng.choice(scene.objects)]
-    words = []
-    for o in kept:
-        words += [o.colour, o.shape] if rng.random() < 0.8 else [o.shape]
+    kept = [o for o in scene.objects if rng.random() < noise.keep] or [rng.choice(scene.objects)]
+    items = [[o.colour, o.shape] if rng.random() < noise.colour else [o.shape] for o in kept]
     if scene.word is not None and rng.random() < 0.6:
-        words.append(f'"{scene.word.text}"' if rng.random() < 0.5 else scene.word.text)
-    words = [_typo(w, rng) if rng.random() < 0.15 else w for w in words]
-    if rng.random() < 0.5:
+        items.append([f'"{scene.word.text}"' if rng.random() < 0.5 else scene.word.text])
+    items = [[_typo(w, rng) if rng.random() < noise.typo else w for w in item] for item in items]
+    words = [" ".join(item) for item in items] if noise.phrases else [w for item in items for w in item]
+    if rng.random() < noise.shuffle:
         rng.shuffle(words)
-    tags = rng.sample(JUNK_TAGS, rng.randint(0, 3))
+    tags = rng.sample(JUNK_TAGS, rng.randint(0, noise.max_tags))
     parts = words + tags
-    if rng.random() < 0.3:
+    if rng.random() < noise.file_name:
         parts.append(f"img_{rng.randrange(10000):04d}")
     sep = rng.choice([" ", ", ", " - ", " | "])
     text = sep.join(parts)
-    return text.upper() if rng.random() < 0.1 else text
+    return text.upper() if rng.random() < noise.upper else text
 
 
 def _object_phrase(o: SceneObject) -> str:
@@ -173,6 +196,24 @@ def short_question(scene: Scene, rng: random.Random) -> dict:
         q, answer = "What word is written in the image?", scene.word.text
     return {"kind": kind, "question": f"{q}\n{SHORT_ANSWER}", "options": options,
             "answer": options.index(answer)}
+
+
+def caption_probes(scene: Scene, rng: random.Random) -> list[dict]:
+    """Two held-out probes that need no chat training (S1 ends here): one object's colour among
+    all colours and its shape among all shapes, each option the scene's exact dense caption with
+    that one attribute changed. The option the model finds likeliest is its answer: what a
+    caption-trained model sees, measured by likelihood."""
+    i = rng.randrange(len(scene.objects))
+
+    def caption_with(**change) -> str:
+        objects = list(scene.objects)
+        objects[i] = dataclasses.replace(objects[i], **change)
+        return dense_caption(dataclasses.replace(scene, objects=objects))
+
+    o = scene.objects[i]
+    return [{"kind": kind, "form": "caption", "object": o.name,
+             "options": [caption_with(**{attr: v}) for v in values], "answer": values.index(getattr(o, attr))}
+            for kind, attr, values in (("colour", "colour", list(COLOURS)), ("shape", "shape", list(SHAPES)))]
 
 
 def heldout_question(scene: Scene, rng: random.Random) -> dict:
