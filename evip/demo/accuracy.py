@@ -9,6 +9,10 @@ SUM of the log-probabilities of its trained tokens: the answer and its `<|im_end
 cannot win by being a prefix of "12"). The best-scoring option is the answer; ties go to the
 first option.
 
+Caption probes (`"form": "caption"`, heldout/probes.json) are answered the same way with each
+option as the picture's caption (the caption template of S1): what a model that has only been
+through S1.1/S1.2 can be asked (the ablations use them).
+
 Baselines: `chance` is the expected accuracy of a uniform random pick (mean of 1 / options);
 `majority` is the accuracy of always answering each question kind's most frequent right answer
 (the best a model that ignores the image can do by learning the answer prior).
