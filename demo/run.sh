@@ -8,14 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/demo}
 shift || true
-PY=${PYTHON:-.venv/bin/python}
-export EVIP_DEMO_DATA="$RUN_DIR/data"          # where demo/recipes/*.yaml look for the shards
-start=$(date +%s)
-
-if [ ! -f "$EVIP_DEMO_DATA/manifest.json" ]; then
-  "$PY" -m evip.cli demo-data "$EVIP_DEMO_DATA" --n-heldout 100
-fi
-GGUF=$("$PY" -c "from evip.assets import smollm2_gguf; print(smollm2_gguf())")
+. demo/prepare.sh                                # PY, EVIP_DEMO_DATA (data made once), GGUF, start
 "$PY" -m evip.cli run demo/pipeline.yaml "base.source=$GGUF" "$@" --run-dir "$RUN_DIR"
 "$PY" -m evip.cli report "$RUN_DIR" --heldout "$EVIP_DEMO_DATA/heldout/questions.json"
 echo "demo: wall time $(( $(date +%s) - start )) s; plots and summary in $RUN_DIR/report/"

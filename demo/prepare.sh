@@ -1,0 +1,10 @@
+# Sourced by demo/run.sh and demo/ablate.sh: the demo data under RUN_DIR (written once) and the
+# real SmolLM2 GGUF. Expects RUN_DIR; sets PY, EVIP_DEMO_DATA, GGUF and start (for the wall time).
+PY=${PYTHON:-.venv/bin/python}
+export EVIP_DEMO_DATA="$RUN_DIR/data"          # where demo/recipes/*.yaml look for the shards
+start=$(date +%s)
+
+if [ ! -f "$EVIP_DEMO_DATA/manifest.json" ]; then
+  "$PY" -m evip.cli demo-data "$EVIP_DEMO_DATA" --n-heldout 100
+fi
+GGUF=$("$PY" -c "from evip.assets import smollm2_gguf; print(smollm2_gguf())")
