@@ -52,14 +52,27 @@ def folder(tmp_path_factory) -> Path:
     (root / "nocaption.jpg").write_bytes(photo_bytes("astronaut"))         # no caption file
     (root / "garbage.jpg").write_bytes(b"\xff\xd8\xff not an image at all")
     (root / "garbage.txt").write_text("a caption for garbage")
-    Image.fromarray(__import__("numpy").zeros((8, 8, 3), "uint8")).save(root / "odd.bmp")   # ignored suffix
+    Image.fromarray(__import__("numpy").zeros((8, 8, 3), "uint8")).save(root / "odd.bmp")   # no caption
+    (root / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")            # unsupported
+    (root / "logo.txt").write_text("a caption whose picture is an SVG")
+    (root / "orphan.txt").write_text("a caption with no picture at all")
     return root
 
 
 def test_build_from_folder(folder, tmp_path):
     out = tmp_path / "shards"
     result = build_shards(BuildConfig(input=str(folder), out=str(out), samples_per_shard=2, progress=False))
-    assert result.kind == "caption" and result.skipped == {"missing_caption": 1, "bad_image": 1}
+    assert result.kind == "caption" and result.skipped == {
+        "missing_caption": 2, "bad_image": 1, "unsupported_format": 1, "caption_without_picture": 2}
+    report = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    status = {r["input"]: (r["status"], r.get("reason")) for r in report}
+    assert status == {**{f"{'sub/' if i % 2 else ''}{n}.{'png' if i == 1 else 'webp' if i == 2 else 'jpg'}": ("train", None)
+                         for i, n in enumerate(PHOTOS)},
+                      "nocaption.jpg": ("skipped", "missing_caption"), "odd.bmp": ("skipped", "missing_caption"),
+                      "garbage.jpg": ("skipped", "bad_image"), "logo.svg": ("skipped", "unsupported_format"),
+                      "logo.txt": ("skipped", "caption_without_picture"),
+                      "orphan.txt": ("skipped", "caption_without_picture")}     # every file but used captions
+    assert result.inputs == len(report) == 11
     manifest = check_manifest(out, 5)
     assert [s["count"] for s in manifest["shards"]] == [2, 2, 1] and manifest["format"] == "folder"
     samples = read_shards(out)
@@ -130,7 +143,7 @@ def test_build_from_parquet_via_cli(tmp_path, capsys):
                     "--samples-per-shard", "2", "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "wrote 3 caption samples in 2 shards" in printed and "missing_caption: 1" in printed
+    assert "4 inputs: 3 caption samples in 2 shards" in printed and "skipped 1 missing_caption" in printed
     assert "shard-000000.tar: 2 samples" in printed                             # per-shard counts and sizes
     manifest = check_manifest(out, 3)
     assert manifest["format"] == "hf"
@@ -139,5 +152,81 @@ def test_build_from_parquet_via_cli(tmp_path, capsys):
     assert samples[1]["jpg"] == photo_bytes("coffee")
     meta = json.loads(samples[0]["json"])
     assert meta["row"] == 0 and meta["score"] == pytest.approx(0.9)
-    with pytest.raises(ValueError, match="column 'text' not in"):
+    from evip.data.build import BuildError
+    with pytest.raises(BuildError, match="column 'text' not in"):
         build_shards(BuildConfig(input=str(parquet), out=str(tmp_path / "x"), progress=False))
+
+
+def test_build_cli_reports_every_skip_and_why_nothing_was_written(tmp_path, capsys):
+    only_svg = tmp_path / "svgs"
+    only_svg.mkdir()
+    for i in range(3):
+        (only_svg / f"art{i}.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+        (only_svg / f"art{i}.txt").write_text(f"clip art {i}")
+    rc = evip_main(["data", "build", str(only_svg), "--out", str(tmp_path / "o"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "skipped 3 unsupported_format" in captured.out and "skipped 3 caption_without_picture" in captured.out
+    assert "wrote no samples: all 6 inputs were skipped: 3 unsupported_format" in captured.err
+    # a missing input, an unreadable one: one line, no traceback
+    rc = evip_main(["data", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o2"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "build input not found" in err and "Traceback" not in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\xff\xfe not utf-8\n")
+    rc = evip_main(["data", "build", str(bad), "--out", str(tmp_path / "o3"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cannot read" in err
+
+
+def test_caption_rules_and_long_caption_warning(tmp_path, capsys):
+    from evip.data.build import caption_text
+    raw = "\n\n  Red fox  \n in snow\n\nRenard roux\ndans la neige\n"
+    assert caption_text(raw, "whole") == "Red fox  \n in snow\n\nRenard roux\ndans la neige"
+    assert caption_text(raw, "first_line") == "Red fox"
+    assert caption_text(raw, "first_paragraph") == "Red fox in snow"
+    root = tmp_path / "pics"
+    root.mkdir()
+    for i, name in enumerate(PHOTOS):
+        (root / f"{name}.jpg").write_bytes(photo_bytes(name))
+        body = "\n".join(f"line {k} of a long multilingual description" for k in range(60)) if i < 2 else "short"
+        (root / f"{name}.txt").write_text(f"{name} first line\n{body}\n")
+    rc = evip_main(["data", "build", str(root), "--out", str(tmp_path / "whole"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "warning: 2 of 5 captions are longer than 2000 characters" in err
+    rc = evip_main(["data", "build", str(root), "--out", str(tmp_path / "first"), "--caption", "first_line",
+                    "--no-progress"])
+    assert rc == 0 and "warning" not in capsys.readouterr().err
+    texts = sorted(s["txt"].decode() for s in read_shards(tmp_path / "first"))
+    assert texts == sorted(f"{n} first line" for n in PHOTOS)
+
+
+def test_heldout_split_and_ready_recipes(tmp_path, capsys):
+    from evip.data.recipe import load_recipe
+    root = tmp_path / "pics"
+    root.mkdir()
+    for i in range(20):
+        name = PHOTOS[i % len(PHOTOS)]
+        (root / f"p{i:02d}.png").write_bytes(photo_bytes(name, "PNG", (32, 24)))
+        if i != 3:                                        # p03 has no caption: its turn passes on
+            (root / f"p{i:02d}.txt").write_text(f"picture {i}")
+    out = tmp_path / "out"
+    rc = evip_main(["data", "build", str(root), "--out", str(out), "--heldout", "4", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "15 caption samples" in printed and "4 held out" in printed
+    assert f"data.recipe={out}/recipe.yaml" in printed and f"eval.heldout_data.recipe={out}/heldout.yaml" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 15 and manifest["heldout"]["count"] == 4
+    report = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    held = [r["input"] for r in report if r["status"] == "heldout"]
+    assert held == ["p04.png", "p09.png", "p14.png", "p19.png"]          # spread evenly, p03's turn to p04
+    # the recipes are ready, from any working directory: paths relative to the recipe file
+    train, heldout = load_recipe(out / "recipe.yaml"), load_recipe(out / "heldout.yaml")
+    from evip.data.shards import expand_paths
+    assert len(expand_paths(train.sources[0].paths)) == 1 and heldout.sources[0].paths[0] == f"{out}/heldout-*.tar"
+    held_txt = {s["txt"].decode() for s in wds.WebDataset(expand_paths(heldout.sources[0].paths),
+                                                           shardshuffle=False, empty_check=False)}
+    assert held_txt == {"picture 4", "picture 9", "picture 14", "picture 19"}
+    # a fraction gives the same split
+    rc = evip_main(["data", "build", str(root), "--out", str(tmp_path / "f"), "--heldout", "0.2", "--no-progress"])
+    assert rc == 0 and json.loads((tmp_path / "f" / "manifest.json").read_text())["heldout"]["count"] == 4

@@ -20,6 +20,15 @@ def register(subparsers) -> None:
     b.add_argument("--image-column", default="image")
     b.add_argument("--text-column", default="text", help="hf: caption column")
     b.add_argument("--conversations-column", default="", help="hf: conversations column (chat data)")
+    b.add_argument("--caption", default="whole", choices=["whole", "first_line", "first_paragraph"],
+                   help="folder: which part of x.txt is the caption: the whole file (default), its first "
+                        "non-empty line, or its first paragraph (lines up to the first blank line, joined)")
+    b.add_argument("--max-caption-chars", type=int, default=2000,
+                   help="warn, with counts, about captions longer than this (the S1 recipes' "
+                        "filters.max_caption_chars drop them); 0: off")
+    b.add_argument("--heldout", type=float, default=0,
+                   help="held-out split: N samples (>= 1) or a fraction in (0, 1), spread evenly over the "
+                        "input, written as heldout-*.tar with its own recipe OUT/heldout.yaml")
     b.add_argument("--samples-per-shard", type=int, default=10_000)
     b.add_argument("--max-shard-bytes", type=int, default=1 << 30)
     b.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar")
@@ -41,19 +50,42 @@ def register(subparsers) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from evip.data.build import BuildConfig, build_shards
+    import sys
+
+    from evip.data.build import REASONS, BuildConfig, BuildError, build_shards
 
     cfg = BuildConfig(input=args.input, out=args.out, format=args.format, root=args.root,
                       image_column=args.image_column, text_column=args.text_column,
-                      conversations_column=args.conversations_column,
+                      conversations_column=args.conversations_column, caption=args.caption,
+                      max_caption_chars=args.max_caption_chars, heldout=args.heldout,
                       samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
                       prefix=args.prefix, progress=not args.no_progress)
-    result = build_shards(cfg)
-    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped.items())) or "none"
-    print(f"wrote {result.count} {result.kind} samples in {len(result.shards)} shards "
-          f"({sum(s.bytes for s in result.shards) / 1e6:.1f} MB) to {args.out}; skipped: {skipped}; "
-          f"manifest: {args.out}/manifest.json")
-    return 0 if result.count else 1
+    try:
+        result = build_shards(cfg)
+    except (BuildError, OSError) as e:
+        print(f"evip data build: error: {getattr(e, 'strerror', None) and f'{e.strerror}: {e.filename}' or e}",
+              file=sys.stderr)
+        return 2
+    out = args.out
+    print(f"{result.inputs} inputs: {result.count} {result.kind} samples in {len(result.shards)} shards "
+          f"({sum(s.bytes for s in result.shards) / 1e6:.1f} MB)"
+          + (f", {result.heldout_count} held out in {len(result.heldout)} shards" if result.heldout else "")
+          + f", {sum(result.skipped.values())} skipped; to {out}")
+    for reason, n in sorted(result.skipped.items(), key=lambda kv: -kv[1]):
+        print(f"  skipped {n} {reason}: {REASONS.get(reason, reason)}; e.g. {', '.join(result.examples[reason][:3])}")
+    print(f"  every input and what became of it: {out}/report.jsonl; manifest: {out}/manifest.json")
+    if result.long_captions:
+        print(f"warning: {result.long_captions} of {result.count + result.heldout_count} captions are longer than "
+              f"{args.max_caption_chars} characters (longest {result.longest_caption}); a recipe filter "
+              f"max_caption_chars={args.max_caption_chars} (as in data_recipes/s1_*.yaml) drops them as "
+              f"caption_length: pass --caption first_line or first_paragraph, or raise the filter", file=sys.stderr)
+    if not result.count:
+        print(f"evip data build: wrote no samples: {result.why_empty()}", file=sys.stderr)
+        return 1
+    for split, path in result.recipes.items():
+        key = "data.recipe" if split == "train" else "eval.heldout_data.recipe"
+        print(f"  {split} recipe: {path}  ({key}={path})")
+    return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -1,23 +1,46 @@
-"""`evip data build`: a folder, a jsonl or an HF dataset -> webdataset tar shards + manifest.json.
+"""`evip data build`: a folder, a jsonl or an HF dataset -> webdataset tar shards, a manifest, a
+per-input report and a ready recipe for each split.
 
 Shard layout (img2dataset): members `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`, written by
 `webdataset.TarWriter` (mtime 0, so the same input gives byte-identical shards). A sample with
 several images stores them as `{key}.0.jpg`, `{key}.1.png`, ... in prompt order. Chats store
 their `conversations` (and the other jsonl fields) in `{key}.json`; captions store the caption
 in `{key}.txt` and provenance in `{key}.json`. Image bytes are copied as they are (JPEG, PNG,
-WebP); other formats (GIF, BMP, TIFF...) are re-encoded to PNG. Keys are 9-digit sample numbers.
+WebP); other formats Pillow reads (GIF, BMP, TIFF) are re-encoded to PNG. Every image is fully
+decoded once here, so a truncated or corrupt file is reported now, not met during training.
+Keys are 9-digit sample numbers, per split.
 
 Inputs:
-- folder: every `x.jpg|jpeg|png|webp` (recursively, sorted) with its caption in `x.txt`;
+- folder: every file under it (recursively, sorted) is accounted for. A picture
+  (`x.jpg|jpeg|png|webp|gif|bmp|tif|tiff`) is used with its caption `x.txt` beside it. Skipped,
+  each with its reason: `unsupported_format` (SVG, PDF, anything else: convert it to PNG),
+  `caption_without_picture` (x.txt with no usable picture x.*), `missing_caption` (a picture
+  without x.txt), `empty_caption`, `unreadable_caption` (not UTF-8), `bad_image` (Pillow cannot
+  decode it), `hidden` (names starting with a dot).
 - jsonl: InternVL/LLaVA lines {"id", "image": path | [paths] (relative to `root`), "conversations"};
   lines without an image are text-only chats;
 - hf: a `save_to_disk` directory or parquet/arrow files; `image_column` (datasets Image feature,
   raw bytes or a path) and `text_column` (caption) or `conversations_column` (chat).
-A sample that cannot be converted (missing caption or image, unreadable image) is skipped and
-counted per reason in the manifest; it never stops the build.
 
-manifest.json: {"input", "format", "kind", "shards": [{"path", "count", "bytes", "sha256"}],
-"count", "bytes", "skipped": {reason: n}}.
+Caption files (folder input), `caption`:
+- `whole` (default): the whole file, surrounding whitespace stripped, inner line breaks kept;
+- `first_line`: the first non-empty line;
+- `first_paragraph`: the first block of non-empty lines (up to the first blank line), its lines
+  joined by single spaces.
+Captions longer than `max_caption_chars` (default 2000, the `filters.max_caption_chars` of the
+shipped S1 recipes) are kept but counted and warned about: a recipe filter would drop them.
+
+Held-out split: `heldout` = N (a count, >= 1) or a fraction in (0, 1). Held-out samples are
+spread evenly over the input order (sample i of the T inputs goes to the held-out split when
+floor((i + 1) * N / T) passes the count so far; a skipped input hands its turn to the next good
+one), so the same input gives the same split. They are written as `heldout-*.tar`.
+
+Outputs in `out`: shards, `manifest.json` {"input", "format", "kind", "shards": [{"path", "count",
+"bytes", "sha256"}], "count", "bytes", "skipped": {reason: n}, "heldout": {"count", "shards"},
+"captions": {...}}, `report.jsonl` (one line per input: {"input", "status": train | heldout |
+skipped, "reason", "key"}), and the recipes `recipe.yaml` (train) and `heldout.yaml`, whose shard
+paths are relative to themselves: `data.recipe=OUT/recipe.yaml`,
+`eval.heldout_data.recipe=OUT/heldout.yaml`.
 """
 from __future__ import annotations
 
@@ -31,16 +54,33 @@ from typing import Iterator
 
 from PIL import Image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+CAPTION_RULES = ("whole", "first_line", "first_paragraph")
+REASONS = {
+    "unsupported_format": "not a picture format the build reads (convert it to PNG or JPEG)",
+    "caption_without_picture": "a caption file with no usable picture of the same name",
+    "missing_caption": "a picture without a caption file of the same name (x.txt)",
+    "empty_caption": "the caption file is empty (under the caption rule)",
+    "unreadable_caption": "the caption file is not UTF-8 text",
+    "bad_image": "Pillow cannot decode the picture",
+    "missing_image": "an image file named by the input does not exist",
+    "missing_conversations": "no conversations",
+    "bad_json": "a line that is not JSON",
+    "hidden": "a hidden file (name starts with a dot)",
+}
 
 
 class Skip(Exception):
-    """This input sample cannot be converted; `reason` is counted in the manifest."""
+    """This input cannot be converted; `reason` is counted in the manifest, `origin` names it."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, origin: str = "", detail: str = ""):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.origin, self.detail = reason, origin, detail
+
+
+class BuildError(ValueError):
+    """The input as a whole is unusable (missing, unreadable, wrong format); one line, no traceback."""
 
 
 @dataclass
@@ -52,6 +92,9 @@ class BuildConfig:
     image_column: str = "image"             # hf
     text_column: str = "text"               # hf caption column
     conversations_column: str = ""          # hf: set for chat data
+    caption: str = "whole"                  # folder captions: whole | first_line | first_paragraph
+    max_caption_chars: int = 2000           # warn (with counts) about longer captions; 0: off
+    heldout: float = 0                      # N >= 1 samples, or a fraction in (0, 1); 0: none
     samples_per_shard: int = 10_000
     max_shard_bytes: int = 1 << 30
     prefix: str = "shard"
@@ -69,12 +112,30 @@ class ShardInfo:
 @dataclass
 class BuildResult:
     shards: list[ShardInfo] = field(default_factory=list)
+    heldout: list[ShardInfo] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)   # reason -> first inputs skipped
     kind: str = "caption"
+    inputs: int = 0
+    long_captions: int = 0
+    longest_caption: int = 0
+    recipes: dict[str, str] = field(default_factory=dict)           # split -> recipe path
 
     @property
     def count(self) -> int:
         return sum(s.count for s in self.shards)
+
+    @property
+    def heldout_count(self) -> int:
+        return sum(s.count for s in self.heldout)
+
+    def why_empty(self) -> str:
+        """One sentence: why nothing was written."""
+        if not self.inputs:
+            return "the input holds no files"
+        parts = [f"{n} {r} ({REASONS.get(r, r)}; e.g. {', '.join(self.examples.get(r, [])[:3])})"
+                 for r, n in sorted(self.skipped.items(), key=lambda kv: -kv[1])]
+        return f"all {self.inputs} inputs were skipped: " + "; ".join(parts)
 
 
 def detect_format(path: Path) -> str:
@@ -87,22 +148,23 @@ def detect_format(path: Path) -> str:
                 or any(path.glob("*.parquet")) or any(path.glob("**/*.parquet")):
             return "hf"
         return "folder"
-    raise ValueError(f"cannot tell the format of {path}: pass --format folder|jsonl|hf")
+    raise BuildError(f"cannot tell the format of {path} (a folder, a .jsonl, or parquet/arrow): "
+                     "pass --format folder|jsonl|hf")
 
 
 def image_member(data: bytes) -> tuple[str, bytes]:
-    """(extension, bytes) for a shard member; unknown formats re-encoded to PNG."""
+    """(extension, bytes) for a shard member, after a full decode; unknown formats re-encoded to PNG."""
     try:
         img = Image.open(io.BytesIO(data))
         fmt = img.format
+        img.load()
     except Exception:
         raise Skip("bad_image") from None
     if fmt in KEEP_FORMATS:
         return KEEP_FORMATS[fmt], data
     try:
-        img.load()
         buf = io.BytesIO()
-        (img if img.mode in ("RGB", "RGBA", "L", "LA", "P") else img.convert("RGB")).save(buf, "PNG")
+        (img if img.mode in ("RGB", "RGBA", "L", "LA", "P", "I;16", "I") else img.convert("RGB")).save(buf, "PNG")
         return "png", buf.getvalue()
     except Exception:
         raise Skip("bad_image") from None
@@ -112,47 +174,118 @@ def read_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError:
-        raise Skip("missing_image") from None
+        raise Skip("missing_image", str(path)) from None
 
 
-# ---- the three readers: each yields (images, txt or None, json dict) or a Skip ------------
-Item = "tuple[list[bytes], str | None, dict] | Skip"
+def caption_text(raw: str, rule: str) -> str:
+    """The caption of a caption file under `rule` (see the module doc)."""
+    lines = [line.strip() for line in raw.strip().splitlines()]
+    if rule == "whole":
+        return raw.strip()
+    if rule == "first_line":
+        return next((line for line in lines if line), "")
+    if rule == "first_paragraph":
+        para: list[str] = []
+        for line in lines:
+            if line:
+                para.append(line)
+            elif para:
+                break
+        return " ".join(para)
+    raise BuildError(f"--caption {rule!r}: one of {', '.join(CAPTION_RULES)}")
 
 
-def folder_samples(root: Path) -> Iterator[Item]:
-    for img in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        cap = img.with_suffix(".txt")
-        if not cap.is_file() or not cap.read_text(encoding="utf-8", errors="replace").strip():
-            yield Skip("missing_caption")
-            continue
-        yield [read_file(img)], cap.read_text(encoding="utf-8", errors="replace").strip(), \
-            {"source_path": str(img.relative_to(root))}
+# ---- the three readers: (number of inputs, iterator of (images, txt or None, json, origin) or Skip) --
+Item = "tuple[list[bytes], str | None, dict, str] | Skip"
 
 
-def jsonl_samples(path: Path, root: Path) -> Iterator[Item]:
+def folder_samples(root: Path, rule: str = "whole") -> tuple[int, Iterator[Item]]:
+    """Every file under `root` becomes one item: a sample (a picture and its caption) or a Skip
+    (a caption file is consumed by its picture and yields nothing of its own when used)."""
+    try:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    except OSError as e:
+        raise BuildError(f"cannot read the folder {root}: {e.strerror or e}") from None
+    by_stem: dict[Path, list[Path]] = {}
+    for p in files:
+        by_stem.setdefault(p.with_suffix(""), []).append(p)
+    def hidden(p: Path) -> bool:
+        return any(part.startswith(".") for part in p.relative_to(root).parts)
+
+    def has_picture(p: Path) -> bool:
+        return any(s.suffix.lower() in IMAGE_SUFFIXES and not hidden(s) for s in by_stem[p.with_suffix("")])
+
+    # one item per file, except the caption files their pictures consume
+    total = sum(1 for p in files if hidden(p) or p.suffix.lower() != ".txt" or not has_picture(p))
+
+    def items() -> Iterator[Item]:
+        for p in files:
+            rel = str(p.relative_to(root))
+            suffix = p.suffix.lower()
+            siblings = by_stem[p.with_suffix("")]
+            if hidden(p):
+                yield Skip("hidden", rel)
+            elif suffix == ".txt":
+                if not has_picture(p):
+                    others = [s.name for s in siblings if s != p]
+                    yield Skip("caption_without_picture", rel,
+                               f"its picture {others[0]} is an unsupported format" if others else "")
+            elif suffix not in IMAGE_SUFFIXES:
+                yield Skip("unsupported_format", rel, suffix or "(no suffix)")
+            else:
+                cap = p.with_suffix(".txt")
+                if not cap.is_file():
+                    cap = next((s for s in siblings if s.suffix.lower() == ".txt"), cap)
+                if not cap.is_file():
+                    yield Skip("missing_caption", rel)
+                    continue
+                try:
+                    text = caption_text(cap.read_bytes().decode("utf-8-sig"), rule)
+                except UnicodeDecodeError:
+                    yield Skip("unreadable_caption", rel, str(cap.relative_to(root)))
+                    continue
+                if not text:
+                    yield Skip("empty_caption", rel)
+                    continue
+                try:
+                    blob = p.read_bytes()
+                except OSError:
+                    yield Skip("bad_image", rel, "unreadable file")
+                    continue
+                yield [blob], text, {"source_path": rel}, rel
+    return total, items()
+
+
+def jsonl_samples(path: Path, root: Path) -> tuple[int, Iterator[Item]]:
     with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                images = obj.get("image") or []
-                images = [images] if isinstance(images, str) else list(images)
-                if not obj.get("conversations"):
-                    raise Skip("missing_conversations")
-                blobs = [read_file(root / p) for p in images]
-            except Skip as e:
-                yield e
-                continue
-            except ValueError:
-                yield Skip("bad_json")
-                continue
-            meta = {k: v for k, v in obj.items() if k != "image"}
-            meta.update(line=n, image_paths=images)
-            yield blobs, None, meta
+        total = sum(1 for line in fh if line.strip())
+
+    def items() -> Iterator[Item]:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                origin = f"{path.name}:{n + 1}"
+                try:
+                    obj = json.loads(line)
+                    images = obj.get("image") or []
+                    images = [images] if isinstance(images, str) else list(images)
+                    if not obj.get("conversations"):
+                        raise Skip("missing_conversations")
+                    blobs = [read_file(root / p) for p in images]
+                except Skip as e:
+                    yield Skip(e.reason, origin, e.origin)
+                    continue
+                except (ValueError, AttributeError):
+                    yield Skip("bad_json", origin)
+                    continue
+                meta = {k: v for k, v in obj.items() if k != "image"}
+                meta.update(line=n, image_paths=images)
+                yield blobs, None, meta, origin
+    return total, items()
 
 
-def hf_samples(path: Path, cfg: BuildConfig) -> Iterator[Item]:
+def hf_samples(path: Path, cfg: BuildConfig) -> tuple[int, Iterator[Item]]:
     import datasets
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
         ds = datasets.load_from_disk(str(path))
@@ -164,30 +297,34 @@ def hf_samples(path: Path, cfg: BuildConfig) -> Iterator[Item]:
                                    data_files=files, split="train")
     for col in [cfg.image_column, cfg.conversations_column or cfg.text_column]:
         if col and col not in ds.column_names:
-            raise ValueError(f"column {col!r} not in {path} (columns: {ds.column_names}): "
+            raise BuildError(f"column {col!r} not in {path} (columns: {ds.column_names}): "
                              "pass --image-column / --text-column / --conversations-column")
     if isinstance(ds.features.get(cfg.image_column), datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
-    for n, row in enumerate(ds):
-        try:
-            images = [_hf_image(v, path) for v in _as_list(row.get(cfg.image_column))]
-            meta = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.text_column)
-                    and _jsonable(v)}
-            meta["row"] = n
-            if cfg.conversations_column:
-                if not row.get(cfg.conversations_column):
-                    raise Skip("missing_conversations")
-                meta["conversations"] = meta.pop(cfg.conversations_column)
-                yield images, None, meta
-            else:
-                text = row.get(cfg.text_column)
-                if not isinstance(text, str) or not text.strip():
-                    raise Skip("missing_caption")
-                if not images:
-                    raise Skip("missing_image")
-                yield images, text.strip(), meta
-        except Skip as e:
-            yield e
+
+    def items() -> Iterator[Item]:
+        for n, row in enumerate(ds):
+            origin = f"row {n}"
+            try:
+                images = [_hf_image(v, path) for v in _as_list(row.get(cfg.image_column))]
+                meta = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.text_column)
+                        and _jsonable(v)}
+                meta["row"] = n
+                if cfg.conversations_column:
+                    if not row.get(cfg.conversations_column):
+                        raise Skip("missing_conversations")
+                    meta["conversations"] = meta.pop(cfg.conversations_column)
+                    yield images, None, meta, origin
+                else:
+                    text = row.get(cfg.text_column)
+                    if not isinstance(text, str) or not text.strip():
+                        raise Skip("missing_caption")
+                    if not images:
+                        raise Skip("missing_image")
+                    yield images, text.strip(), meta, origin
+            except Skip as e:
+                yield Skip(e.reason, origin, e.origin)
+    return len(ds), items()
 
 
 def _as_list(v) -> list:
@@ -215,6 +352,17 @@ def _jsonable(v) -> bool:
         return False
 
 
+def heldout_target(heldout: float, total: int) -> int:
+    """How many held-out samples `heldout` (N >= 1, or a fraction in (0, 1)) asks for of `total`."""
+    if heldout < 0 or (heldout >= 1 and heldout != int(heldout)):
+        raise BuildError(f"--heldout {heldout}: a count N >= 1 or a fraction in (0, 1)")
+    n = int(heldout) if heldout >= 1 else int(round(heldout * total))
+    if heldout and n >= total:
+        raise BuildError(f"--heldout {heldout:g} asks for {n} held-out samples of {total} inputs: "
+                         "leave some for training")
+    return n
+
+
 # ---- writing -------------------------------------------------------------------------------
 class ShardSink:
     """Rotating webdataset.TarWriter: a new shard every `samples_per_shard` samples or
@@ -225,6 +373,7 @@ class ShardSink:
         self.samples_per_shard, self.max_bytes = samples_per_shard, max_bytes
         self.shards: list[ShardInfo] = []
         self.on_close = on_close
+        self.written = 0
         self._writer = None
         self._bytes = 0
 
@@ -239,6 +388,7 @@ class ShardSink:
             self._bytes = 0
         self._bytes += self._writer.write(sample)
         self.shards[-1].count += 1
+        self.written += 1
 
     def close(self) -> None:
         if self._writer is None:
@@ -257,53 +407,109 @@ class ShardSink:
             self.on_close(info)
 
 
+def write_recipe(path: Path, name: str, kind: str, prefix: str, count: int, src: Path) -> None:
+    """A ready one-source recipe over `prefix-*.tar` beside it (paths relative to the recipe)."""
+    path.write_text(
+        f"# Written by `evip data build {src}`: {count} {kind} samples. Shard paths are relative to\n"
+        f"# this file. Add `filters:` to the source to drop samples (evip/data/filters.py).\n"
+        f"name: {name}\n"
+        f"sources:\n"
+        f"  - name: {name}\n"
+        f"    kind: {kind}\n"
+        f"    format: webdataset\n"
+        f"    weight: 1.0\n"
+        f"    paths: [\"{prefix}-*.tar\"]\n")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
 def build_shards(cfg: BuildConfig, log=print) -> BuildResult:
-    """Convert `cfg.input` into shards under `cfg.out` and write `manifest.json` there."""
+    """Convert `cfg.input` into shards under `cfg.out`; write manifest.json, report.jsonl and the
+    recipes there. Raises BuildError (one line) when the input as a whole is unusable."""
     from tqdm import tqdm
 
     src, out = Path(cfg.input), Path(cfg.out)
     if not src.exists():
-        raise FileNotFoundError(f"build input not found: {src}")
+        raise BuildError(f"build input not found: {src}")
+    if not os.access(src, os.R_OK):
+        raise BuildError(f"build input not readable: {src} (check its permissions)")
+    if cfg.caption not in CAPTION_RULES:
+        raise BuildError(f"--caption {cfg.caption!r}: one of {', '.join(CAPTION_RULES)}")
     fmt = detect_format(src) if cfg.format == "auto" else cfg.format
-    if fmt == "folder":
-        samples, kind = folder_samples(src), "caption"
-    elif fmt == "jsonl":
-        samples, kind = jsonl_samples(src, Path(cfg.root) if cfg.root else src.parent), "chat"
-    elif fmt == "hf":
-        samples, kind = hf_samples(src, cfg), "chat" if cfg.conversations_column else "caption"
-    else:
-        raise ValueError(f"--format {fmt!r}: one of auto, folder, jsonl, hf")
+    try:
+        if fmt == "folder":
+            if not src.is_dir():
+                raise BuildError(f"--format folder needs a directory, got the file {src}")
+            (total, samples), kind = folder_samples(src, cfg.caption), "caption"
+        elif fmt == "jsonl":
+            (total, samples), kind = jsonl_samples(src, Path(cfg.root) if cfg.root else src.parent), "chat"
+        elif fmt == "hf":
+            (total, samples), kind = hf_samples(src, cfg), "chat" if cfg.conversations_column else "caption"
+        else:
+            raise BuildError(f"--format {fmt!r}: one of auto, folder, jsonl, hf")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BuildError(f"cannot read {src}: {getattr(e, 'strerror', None) or e}") from None
+    n_heldout = heldout_target(cfg.heldout, total)
     out.mkdir(parents=True, exist_ok=True)
-    result = BuildResult(kind=kind)
-    sink = ShardSink(out, cfg.prefix, cfg.samples_per_shard, cfg.max_shard_bytes,
-                     on_close=lambda s: log(f"  {s.path}: {s.count} samples, {s.bytes / 1e6:.1f} MB"))
-    bar = tqdm(samples, desc=f"build {src.name}", unit="sample", disable=not cfg.progress)
-    written = 0
-    for item in bar:
-        try:
-            if isinstance(item, Skip):
-                raise item
-            images, text, meta = item
-            members = [image_member(data) for data in images]
-        except Skip as e:
-            result.skipped[e.reason] = result.skipped.get(e.reason, 0) + 1
-            bar.set_postfix(skipped=sum(result.skipped.values()))
-            continue
-        key = f"{written:09d}"
-        written += 1
-        sample = {"__key__": key, "json": json.dumps(meta, ensure_ascii=False).encode()}
-        if text is not None:
-            sample["txt"] = text.encode()
-        for i, (ext, data) in enumerate(members):
-            sample[ext if len(members) == 1 else f"{i}.{ext}"] = data
-        sink.write(sample)
+    result = BuildResult(kind=kind, inputs=total)
+    shard_log = lambda s: log(f"  {s.path}: {s.count} samples, {s.bytes / 1e6:.1f} MB")  # noqa: E731
+    train = ShardSink(out, cfg.prefix, cfg.samples_per_shard, cfg.max_shard_bytes, on_close=shard_log)
+    held = ShardSink(out, "heldout", cfg.samples_per_shard, cfg.max_shard_bytes, on_close=shard_log)
+    bar = tqdm(samples, desc=f"build {src.name}", unit="input", total=total, disable=not cfg.progress)
+    seen = 0                                      # inputs met so far (samples and skips)
+    with open(out / "report.jsonl", "w", encoding="utf-8") as report:
+        for item in bar:
+            origin = item.origin if isinstance(item, Skip) else item[3]
+            seen += 1
+            try:
+                if isinstance(item, Skip):
+                    raise item
+                images, text, meta, _ = item
+                members = [image_member(data) for data in images]
+            except Skip as e:
+                result.skipped[e.reason] = result.skipped.get(e.reason, 0) + 1
+                result.examples.setdefault(e.reason, [])
+                if len(result.examples[e.reason]) < 5:
+                    result.examples[e.reason].append(origin)
+                report.write(json.dumps({"input": origin, "status": "skipped", "reason": e.reason,
+                                         **({"detail": e.detail} if e.detail else {})}, ensure_ascii=False) + "\n")
+                bar.set_postfix(skipped=sum(result.skipped.values()))
+                continue
+            due = (seen * n_heldout) // total if total else 0
+            sink = held if held.written < due else train
+            key = f"{sink.written:09d}"
+            sample = {"__key__": key, "json": json.dumps(meta, ensure_ascii=False).encode()}
+            if text is not None:
+                sample["txt"] = text.encode()
+                result.longest_caption = max(result.longest_caption, len(text))
+                if cfg.max_caption_chars and len(text) > cfg.max_caption_chars:
+                    result.long_captions += 1
+            for i, (ext, data) in enumerate(members):
+                sample[ext if len(members) == 1 else f"{i}.{ext}"] = data
+            sink.write(sample)
+            report.write(json.dumps({"input": origin, "status": "heldout" if sink is held else "train",
+                                     "key": key}, ensure_ascii=False) + "\n")
     bar.close()
-    sink.close()
-    result.shards = sink.shards
-    manifest = {"input": str(src), "format": fmt, "kind": kind, "count": result.count,
+    train.close()
+    held.close()
+    result.shards, result.heldout = train.shards, held.shards
+    if result.count:
+        write_recipe(out / "recipe.yaml", out.name or "data", kind, cfg.prefix, result.count, src)
+        result.recipes["train"] = str(out / "recipe.yaml")
+    if result.heldout_count:
+        write_recipe(out / "heldout.yaml", f"{out.name or 'data'}_heldout", kind, "heldout",
+                     result.heldout_count, src)
+        result.recipes["heldout"] = str(out / "heldout.yaml")
+    manifest = {"input": str(src), "format": fmt, "kind": kind, "inputs": total, "count": result.count,
                 "bytes": sum(s.bytes for s in result.shards), "skipped": result.skipped,
-                "shards": [vars(s) for s in result.shards]}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "manifest.json")
+                "shards": [vars(s) for s in result.shards],
+                "heldout": {"count": result.heldout_count, "shards": [vars(s) for s in result.heldout]},
+                "captions": {"rule": cfg.caption, "longest_chars": result.longest_caption,
+                             "over_max_chars": result.long_captions, "max_chars": cfg.max_caption_chars},
+                "recipes": {k: Path(v).name for k, v in result.recipes.items()}}
+    _write_json(out / "manifest.json", manifest)
     return result

@@ -147,12 +147,48 @@ def _missing(node, prefix: str = "") -> list[str]:
     return [k for key, v in items for k in _missing(v, f"{prefix}.{key}" if prefix else str(key))]
 
 
+def _is_relative(p: str) -> bool:
+    return bool(p) and not p.startswith(("pipe:", "~", "/")) and "://" not in p and not Path(p).is_absolute()
+
+
+def resolve_relative(recipe: RecipeConfig, path: Path) -> RecipeConfig:
+    """The path rule: a relative `root` or shard path in a recipe is relative to the recipe file.
+    For recipes written before this rule, a relative path that matches nothing beside the recipe
+    but matches from the working directory is still read from there, with a warning naming it."""
+    import warnings
+
+    from evip.data.shards import expand_paths
+    here = path.resolve().parent
+    for i, src in enumerate(recipe.sources):
+        if _is_relative(src.root):
+            if not (here / src.root).is_dir() and Path(src.root).is_dir():
+                warnings.warn(f"'sources.{i}.root' {src.root!r} in {path} is read from the working "
+                              f"directory ({Path(src.root).resolve()}); relative paths in a recipe are "
+                              f"relative to the recipe file: write it so", stacklevel=3)
+            else:
+                src.root = str(here / src.root)
+        paths = []
+        for j, p in enumerate(src.paths):
+            p = str(p)
+            if _is_relative(p) and not expand_paths([str(here / p)]) and expand_paths([p]):
+                warnings.warn(f"'sources.{i}.paths.{j}' {p!r} in {path} is read from the working "
+                              f"directory; relative paths in a recipe are relative to the recipe file: "
+                              f"write it so", stacklevel=3)
+            elif _is_relative(p) and not (src.format == "hf" and src.streaming and j == 0
+                                          and not expand_paths([str(here / p)])):
+                p = str(here / p)
+            paths.append(p)
+        src.paths = paths
+    return recipe
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
-    """Load, merge overrides and validate a recipe; raises ConfigError naming key and file."""
+    """Load, merge overrides and validate a recipe; raises ConfigError naming key and file.
+    Relative paths in it are relative to the recipe file (`resolve_relative`)."""
     raw = _raw_recipe(Path(path), overrides)
     try:
         recipe = load_config(RecipeConfig, base=raw)
     except ConfigError as e:
         raise ConfigError(str(e).replace("the base config", str(path))) from None
-    validate_recipe(recipe, str(path))
+    validate_recipe(resolve_relative(recipe, Path(path)), str(path))
     return recipe
