@@ -109,3 +109,49 @@ def test_infer_grid_recovers_the_tiling():
     buf = io.BytesIO()
     Image.fromarray(skdata.astronaut()).resize((300, 900)).save(buf, "PNG")
     assert infer_grid(proc(buf.getvalue())) == (*proc.grid(300, 900), True)
+
+
+def test_inspect_targets_resolve(recipe, tmp_path):
+    """A shard folder, a glob, a stage file and a stage of a pipeline: what the loader is given."""
+    from evip.config import ConfigError
+    from evip.data.inspect_target import inspect_target
+    root = recipe.parent
+    t = inspect_target(str(root / "chats"), workdir=str(tmp_path))
+    assert t.what == f"shards {root / 'chats'}/*.tar (chat)"                  # kind from the manifest
+    from evip.data.recipe import load_recipe
+    assert load_recipe(t.data.recipe).sources[0].kind == "chat"
+    t = inspect_target(str(root / "captions" / "shard-*.tar"), overrides=["token_budget=256"], workdir=str(tmp_path))
+    assert t.what.endswith("(caption)") and t.data.token_budget == 256
+    stage, pipeline = stage_files(recipe, tmp_path)
+    t = inspect_target(str(stage))
+    assert (t.data.token_budget, t.data.sample.image.max_tiles, t.tile_size) == (200, 2, None)
+    t = inspect_target(str(pipeline), "first")
+    assert (t.data.token_budget, t.data.sample.filters.max_caption_chars, t.tile_size) == (300, 12, 28)
+    with pytest.raises(ConfigError, match=r"pass --stage NAME \(one of first\)"):
+        inspect_target(str(pipeline))
+    with pytest.raises(ConfigError, match="no such recipe, stage or pipeline file"):
+        inspect_target(str(tmp_path / "nothing"))
+    with pytest.raises(ConfigError, match="no \\*.tar shards in the folder"):
+        inspect_target(str(tmp_path))
+
+
+def stage_files(recipe: Path, where: Path) -> tuple[Path, Path]:
+    stage = where / "stage.yaml"
+    stage.write_text(f"name: s1\ntrainable: [patch_embed]\nsteps: 1\nprecision: fp32\n"
+                     f"data: {{recipe: {recipe}, token_budget: 200, rows: 1, num_workers: 0,\n"
+                     f"  sample: {{image: {{min_tiles: 1, max_tiles: 2}}, filters: {{max_caption_chars: 12}}}}}}\n")
+    pipeline = where / "pipeline.yaml"
+    pipeline.write_text("model: {image_size: 28, patch_size: 14}\nstages:\n"
+                        "  - {name: first, file: stage.yaml, overrides: [data.token_budget=300]}\n")
+    return stage, pipeline
+
+
+def test_inspect_cli_pipeline_stage_uses_its_tiles_and_filters(recipe, tmp_path, capsys):
+    _, pipeline = stage_files(recipe, tmp_path)
+    rc = evip_main(["data", "inspect", str(pipeline), "--stage", "first", "--batches", "3", "--sheet", ""])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"inspect stage s1 of {pipeline}: tiles of 28 px, 1-2 per image, token budget 300" in out
+    assert "1 x 300 tokens" in out
+    # the stage's filter (captions up to 12 chars) drops the photo captions: counted as caption_length
+    assert re.search(r"^captions .*caption_length: [1-9]", out, re.M)

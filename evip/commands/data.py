@@ -1,5 +1,5 @@
 """`evip data build` (folder / jsonl / HF dataset -> webdataset shards + manifest) and
-`evip data inspect RECIPE` (counts, realised mixture, histograms, PNG contact sheet)."""
+`evip data inspect RECIPE|SHARDS|STAGE` (counts, realised mixture, histograms, PNG contact sheet)."""
 from __future__ import annotations
 
 import argparse
@@ -35,17 +35,24 @@ def register(subparsers) -> None:
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=run_build)
 
-    i = sub.add_parser("inspect", help="read a recipe through the training loader; print counts, "
-                                       "mixture, histograms; write a contact sheet")
-    i.add_argument("recipe", help="data_recipes/*.yaml")
-    i.add_argument("overrides", nargs="*", help="DataConfig dotlist, e.g. token_budget=2048 "
-                                                "sample.image.max_tiles=12 num_workers=0")
+    i = sub.add_parser("inspect", help="read a recipe, shards, or a stage's data through the training loader; "
+                                       "print counts, mixture, histograms; write a contact sheet")
+    i.add_argument("target", help="a recipe YAML; a shard folder, .tar or glob ('out/shard-*.tar'); or a stage "
+                                  "or pipeline YAML (a pipeline needs --stage NAME): then that stage's recipe, "
+                                  "token budget, tiles, sizes and filters are used")
+    i.add_argument("overrides", nargs="*", help="recipe or shards: DataConfig keys, e.g. token_budget=2048 "
+                                                "sample.image.max_tiles=12 num_workers=0; stage: stage keys "
+                                                "(data.token_budget=2048); pipeline: as for `evip run`")
+    i.add_argument("--stage", default="", help="the stage of a pipeline file to inspect")
+    i.add_argument("--kind", default="", choices=["", "caption", "chat", "text"],
+                   help="shards: their kind (default: the folder's manifest.json, else caption)")
     i.add_argument("--batches", type=int, default=16, help="micro-batches to read")
     i.add_argument("--sheet", default="contact_sheet.png", help="PNG path ('' to skip)")
     i.add_argument("--sheet-samples", type=int, default=16)
     i.add_argument("--tokenizer", default="", help="HF tokenizer dir or .gguf (default: the real SmolLM2 GGUF)")
-    i.add_argument("--tile-size", type=int, default=448, help="model image_size (pixels per tile side)")
-    i.add_argument("--patch-size", type=int, default=14)
+    i.add_argument("--tile-size", type=int, default=0,
+                   help="model image_size, pixels per tile side (default: the pipeline's, else 448)")
+    i.add_argument("--patch-size", type=int, default=0, help="default: the pipeline's, else 14")
     i.set_defaults(func=run_inspect)
 
 
@@ -89,17 +96,23 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    import tempfile
+
     from evip.assets import smollm2_gguf
-    from evip.config import load_config
     from evip.data.inspect import inspect_recipe
-    from evip.data.loader import DataConfig
+    from evip.data.inspect_target import inspect_target
     from evip.model.config import ModelConfig
     from evip.model.tokens import IMG_CONTEXT, load_tokenizer
 
-    data_cfg = load_config(DataConfig, None, [f"recipe={args.recipe}", *args.overrides])
-    tok = load_tokenizer(args.tokenizer or smollm2_gguf())
-    model_cfg = ModelConfig(image_size=args.tile_size, patch_size=args.patch_size, vocab_size=len(tok),
-                            img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT),
-                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-    inspect_recipe(data_cfg, tok, model_cfg, args.batches, args.sheet or None, args.sheet_samples)
+    with tempfile.TemporaryDirectory(prefix="evip-inspect-") as work:
+        target = inspect_target(args.target, args.stage, args.overrides, args.kind, work)
+        tok = load_tokenizer(args.tokenizer or smollm2_gguf())
+        model_cfg = ModelConfig(image_size=args.tile_size or target.tile_size or 448,
+                                patch_size=args.patch_size or target.patch_size or 14, vocab_size=len(tok),
+                                img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT),
+                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+        im = target.data.sample.image
+        print(f"inspect {target.what}: tiles of {model_cfg.image_size} px, {im.min_tiles}-{im.max_tiles} per "
+              f"image, token budget {target.data.token_budget}")
+        inspect_recipe(target.data, tok, model_cfg, args.batches, args.sheet or None, args.sheet_samples)
     return 0
