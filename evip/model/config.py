@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 
 VISUAL_FFN_INITS = ("copy", "random", "none")
+ROPE_SCALINGS = ("none", "dynamic")
 
 
 @dataclass
@@ -22,6 +23,10 @@ class ModelConfig:
     num_kv_heads: int = 8
     head_dim: int = 128
     rope_theta: float = 1_000_000.0
+    # "dynamic": InternLM2's (and HF Llama's) dynamic NTK scaling: a forward over a sequence longer
+    # than max_position_embeddings gets a larger RoPE base, for every position (evip/model/rope.py)
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 32768
     attention_bias: bool = False         # Qwen2 has a bias on q/k/v
@@ -47,6 +52,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.visual_ffn not in VISUAL_FFN_INITS:
             raise ValueError(f"model.visual_ffn={self.visual_ffn!r}: expected one of {', '.join(VISUAL_FFN_INITS)}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: expected one of {', '.join(ROPE_SCALINGS)}")
+        if self.rope_scaling != "none" and self.rope_scaling_factor < 1.0:
+            raise ValueError(f"model.rope_scaling_factor={self.rope_scaling_factor}: must be >= 1")
 
     @property
     def has_visual_ffn(self) -> bool:

@@ -19,7 +19,8 @@ SUPPORTED_FAMILIES = {
 
 # ModelConfig fields that come from the LLM's config: `vision` may not set them.
 LLM_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-              "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "max_position_embeddings",
+              "num_kv_heads", "head_dim", "rope_theta", "rope_scaling", "rope_scaling_factor",
+              "rms_norm_eps", "max_position_embeddings",
               "attention_bias", "tie_word_embeddings", "pad_token_id")
 OURS_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in LLM_FIELDS)
 
@@ -46,17 +47,24 @@ def detect_family(hf: Mapping[str, Any], source: str = "config") -> str:
         f"architectures={hf.get('architectures')!r}; supported: {supported_text()}")
 
 
-def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
+def _rope(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """rope_theta, rope_scaling and rope_scaling_factor of an HF config."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    # InternLM2's "dynamic" NTK scaling only changes positions beyond max_position_embeddings.
-    if rope_type not in ("default", "dynamic"):
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return dict(rope_theta=theta, rope_scaling="none", rope_scaling_factor=1.0)
+    # "dynamic" (NTK): InternLM2's and HF Llama's; the base grows for every position once a
+    # sequence is longer than max_position_embeddings (evip/model/rope.py).
+    if rope_type != "dynamic":
         raise UnsupportedArchitectureError(
-            f"unsupported RoPE scaling {rope_type!r} in {source}: only plain RoPE (configurable theta) "
-            "is implemented")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+            f"unsupported RoPE scaling {rope_type!r} in {source}: implemented are plain RoPE (configurable "
+            "theta) and 'dynamic' NTK scaling")
+    factor = params.get("factor", scaling.get("factor"))
+    if factor is None or float(factor) < 1.0:
+        raise UnsupportedArchitectureError(f"RoPE scaling 'dynamic' in {source} needs a factor >= 1, got {factor!r}")
+    return dict(rope_theta=theta, rope_scaling="dynamic", rope_scaling_factor=float(factor))
 
 
 def _check_features(family: str, hf: Mapping[str, Any], source: str) -> None:
@@ -86,7 +94,7 @@ def model_config_from_hf(hf: Mapping[str, Any] | Any, vision: Mapping[str, Any] 
         hf = hf.to_dict()
     family = detect_family(hf, source)
     _check_features(family, hf, source)
-    rope_theta = _rope_theta(hf, source)
+    rope = _rope(hf, source)
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if hf.get(k) is None]
     if missing:
@@ -99,7 +107,7 @@ def model_config_from_hf(hf: Mapping[str, Any] | Any, vision: Mapping[str, Any] 
     llm = dict(
         vocab_size=int(hf["vocab_size"]), hidden_size=hidden, intermediate_size=int(hf["intermediate_size"]),
         num_layers=int(hf["num_hidden_layers"]), num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        rope_theta=rope_theta, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        **rope, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         attention_bias=family == "qwen2", tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         pad_token_id=int(pad) if isinstance(pad, int) else 0,

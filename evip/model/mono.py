@@ -24,7 +24,7 @@ from evip.model.kv_cache import KVCache
 from evip.model.loss import labelled_positions, lm_loss, packed_lm_loss
 from evip.model.norm import RMSNorm
 from evip.model.packed_attention import AttentionContext, cached_context, choose_impl, packed_context
-from evip.model.rope import rope_for
+from evip.model.rope import rope_base, rope_for
 from evip.model.routing import Routing
 from evip.model.vision import PatchEmbedding, build_projector, shuffle_patches
 
@@ -123,7 +123,8 @@ class MonoInternVL(nn.Module):
     def decode(self, h: torch.Tensor, image_mask: torch.Tensor, position_ids: torch.Tensor,
                ctx: AttentionContext, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Run the layers and the final norm on embeddings h [B, T, H]."""
-        rope = rope_for(position_ids, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        seq_len = h.shape[1] + (cache.length if cache is not None else 0)   # attended length (rope.py)
+        rope = rope_for(position_ids, self.cfg.head_dim, rope_base(self.cfg, seq_len), h.dtype)
         routing = Routing.from_mask(image_mask)
         use_ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:

@@ -1,0 +1,82 @@
+"""What an exported model needs beside its weights to be served as it was trained: the tiling
+settings, the chat template (in the tokenizer files) and generation_config.json.
+
+    serving = ServingConfig.from_sample(stage.data.sample)   # the trained stage's tiling + system prompt
+    save_serving_files(tokenizer, "out/", serving, pad_token_id)
+
+The tokenizer files are written so that transformers 4.x (the released Mono-InternVL code, vLLM,
+LMDeploy) and 5.x both load them: `tokenizer_class` names a class every version has, the added
+special tokens are listed under the 4.x key too, and the chat template sits in
+tokenizer_config.json as well as in chat_template.jinja.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evip.model.tokens import IM_END, IM_START
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The image tiling and system prompt the model was trained with (InternVL's config names)."""
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6
+    use_thumbnail: bool = True
+    system_prompt: str = ""
+
+    @classmethod
+    def from_sample(cls, sample_cfg: Any) -> "ServingConfig":
+        """From a stage's `data.sample` (evip.data.sample.SampleConfig)."""
+        image = sample_cfg.image
+        return cls(min_dynamic_patch=int(image.min_tiles), max_dynamic_patch=int(image.max_tiles),
+                   use_thumbnail=bool(image.use_thumbnail), system_prompt=str(sample_cfg.system_prompt))
+
+
+def chat_template(system_prompt: str = "") -> str:
+    """The training chat format (evip/data/text.py, internlm2-chat) as a Jinja chat template: a system
+    turn with `system_prompt` when the conversation has none, `<|im_start|>{role}\\n{content}<|im_end|>\\n`
+    per turn, and `<|im_start|>assistant\\n` as the generation prompt. Images are `<image>` in the
+    content, which the servers replace by the image block."""
+    system = ""
+    if system_prompt:
+        literal = json.dumps(f"{IM_START}system\n{system_prompt}{IM_END}\n")   # a valid Jinja string literal
+        system = "{%- if not messages or messages[0]['role'] != 'system' %}{{ " + literal + " }}{%- endif %}"
+    return (system
+            + "{%- for message in messages %}{{ '" + IM_START + "' + message['role'] + '\\n' + message['content']"
+            + " + '" + IM_END + "' + '\\n' }}{%- endfor %}"
+            + "{%- if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{%- endif %}")
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end an answer: the turn end <|im_end|> (what training taught) and the tokenizer's eos."""
+    ids = []
+    if IM_END in tokenizer.get_vocab():
+        ids.append(int(tokenizer.convert_tokens_to_ids(IM_END)))
+    if tokenizer.eos_token_id is not None and int(tokenizer.eos_token_id) not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def save_serving_files(tokenizer: Any, directory: str | Path, serving: ServingConfig, pad_token_id: int) -> None:
+    """Tokenizer files (with the image tokens and the chat template) and generation_config.json."""
+    directory = Path(directory)
+    tok = copy.deepcopy(tokenizer)          # the caller's tokenizer keeps its own chat template
+    template = chat_template(serving.system_prompt)
+    tok.chat_template = template
+    tok.save_pretrained(str(directory))
+    cfg_path = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = template                       # transformers < 4.43 read it only here
+    if (directory / "tokenizer.json").is_file() and cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # 5.x's generic name is unknown to 4.x
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list):                            # 4.50-4.57 expect a dict under this key
+        cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop_token_ids(tokenizer),
+                  "pad_token_id": pad_token_id}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
