@@ -68,6 +68,8 @@ class FaultConfig:
     signal_after_step: int = -1       # >= 0: rank 0 sends itself a real SIGUSR1 after this 0-based step
     checkpoint_sleep_step: int = -1   # >= 0: rank 0 holds the write of this step's checkpoint open
     checkpoint_sleep_s: float = 0.0   # for this long, after the engine state is on disk, before publishing
+    enospc_step: int = -1             # >= 0: rank 0's write of this step's checkpoint fails with ENOSPC
+                                      # (its state file cut short), as on a full disk
 
 
 @dataclass

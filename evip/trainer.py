@@ -85,7 +85,7 @@ class StageTrainer:
         self.trained_groups = apply_trainable(model, self.stage, c.source)   # before the engine exists
         seed_everything(c.seed * 1000 + c.index)
         ckpt.clean_partial(self.ckpt_root, c.rank)
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        latest = ckpt.resumable_checkpoint(self.ckpt_root, c.rank, c.world_size)   # verified; damaged ones skipped
         saved_ws = ckpt.read_meta(latest)["world_size"] if latest is not None else c.world_size
         elastic = saved_ws != c.world_size
         if elastic:   # a different world size: DeepSpeed's universal checkpoint + elastic data state
@@ -206,7 +206,7 @@ class StageTrainer:
         return ckpt.save(self.engine, self.ckpt_root, self.counters, self.loader, self.ctx.rank,
                          self.ctx.world_size, self.stage.checkpoint.keep_last, extra={"stage": self.stage.name},
                          hold_open_s=faults.checkpoint_sleep_s if self.counters.step == faults.checkpoint_sleep_step
-                         else 0.0)
+                         else 0.0, enospc=self.counters.step == faults.enospc_step)
 
     def finish(self) -> ckpt.Counters:
         c = self.ctx

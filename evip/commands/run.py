@@ -1,6 +1,7 @@
 """`evip run PIPELINE --run-dir DIR [key=value ...]`: run the stages in order; rerun to continue.
 
-Exit codes (evip/exit_codes.py): 0 done; 2 config error; 75 preempted (checkpoint written, rerun
+Exit codes (evip/exit_codes.py): 0 done; 2 config error; 74 a checkpoint write failed (disk full)
+or no checkpoint is intact; 75 preempted (checkpoint written, rerun
 the same command); 76 too many non-finite steps (checkpoint written, inspect first); 1 other errors.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main(args) -> int:
     from evip import exit_codes
     from evip.pipeline import load_pipeline, run_pipeline
     from evip.signals import Preempted, TooManyNonFinite
+    from evip.checkpoint import CheckpointDamaged, CheckpointWriteError
 
     from evip.pipeline import check_pipeline
     run_dir, overrides = args.run_dir[0], [*args.overrides, *args.run_dir[1:]]
@@ -36,4 +38,7 @@ def main(args) -> int:
     except TooManyNonFinite as e:
         print(f"evip run: stopped: {e}", file=sys.stderr, flush=True)
         return exit_codes.NON_FINITE
+    except (CheckpointWriteError, CheckpointDamaged) as e:
+        print(f"evip run: checkpoint storage: {e}", file=sys.stderr, flush=True)
+        return exit_codes.CHECKPOINT_IO
     return exit_codes.OK
