@@ -8,3 +8,4 @@ CHECKPOINT_IO = 74     # a checkpoint write failed (disk full, I/O error) or no 
 PREEMPTED = 75         # a signal (SIGUSR1/SIGTERM) arrived; a checkpoint was written; rerun to continue (EX_TEMPFAIL)
 NON_FINITE = 76        # too many non-finite steps in a row; a checkpoint was written; inspect before rerunning
 NO_PROGRESS = 77       # restarted too many times without progress; refusing to loop
+BAD_DATA = 78          # a source's bad samples passed data.max_bad_fraction; the last checkpoint is intact; fix the data

@@ -10,6 +10,9 @@ with N_active = attention + one FFN + norms per layer, plus the head (embedding 
 and `context` the mean attended length (half the packed row length: causal).
 wandb runs offline in the run dir unless `wandb.project` is set; `WANDB_MODE` is respected; a
 wandb failure is printed once and never stops the run.
+Data accounting (every `log_every` steps, summed over ranks): the `data/...` keys of
+evip/data/accounting.py `data_record` (samples per source, bad and filtered samples per source and
+reason, the realised mixture, packing efficiency); the console shows packing, bad and filtered shares.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from evip.data.accounting import data_summary
 
 # dense bf16 tensor-core peak FLOP/s per device (vendor datasheets, without sparsity)
 PEAK_BF16_FLOPS = {
@@ -100,6 +105,7 @@ class Metrics:
                "tokens_per_s": tokens / step_time, "samples_per_s": samples / step_time,
                "data_wait_frac": min(1.0, wait / step_time), "step_time": step_time,
                "skipped": bool(skipped), "skipped_total": counters.skipped, "time": time.time(),
+               **(stats.get("data") or {}),
                **{f"loss_{k}": v for k, v in stats["kind_loss"].items() if v is not None}, **memory_stats()}
         if self.peak and row_len:
             per_rank = tokens / self.world_size
@@ -109,6 +115,7 @@ class Metrics:
         print(f"[{stage}] step {counters.step}/{total_steps} loss {stats['loss']:.4f} "
               f"gnorm {stats['grad_norm']:.3f} lr {lr:.2e} tok/s {rec['tokens_per_s']:.0f} "
               f"wait {100 * rec['data_wait_frac']:.0f}%" + (f" mfu {100 * rec['mfu']:.1f}%" if "mfu" in rec else "")
+              + (f" {data_summary(stats['data'])}" if stats.get("data") else "")
               + (" SKIPPED(non-finite)" if skipped else "") + f" eta {_hms(left)}", flush=True)
 
     def log_eval(self, stage: str, step: int, values: dict) -> None:

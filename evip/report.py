@@ -16,7 +16,10 @@ Writes into RUN_DIR/report/ (or --out):
     data_wait.png    fraction of each step spent waiting for data
     summary.md       one row per stage: trainable parameters, steps, tokens, caption loss
                      start -> end, held-out caption loss with its own / another image,
-                     text-only perplexity start -> end, time; then the accuracy
+                     text-only perplexity start -> end, time; then the data each stage read
+                     (the `data/...` keys of its last train record: per source the samples used,
+                     realised mixture, bad and filtered samples by reason; packing efficiency);
+                     then the accuracy
 A run that was resumed has repeated step numbers in metrics.jsonl; the last record of a step wins.
 """
 from __future__ import annotations
@@ -278,6 +281,32 @@ def stage_row(s: StageMetrics) -> list[str]:
             f"{_start_end(*loss, 3)} ({label})", reliance, _start_end(*text, 4, exp=True), f"{s.seconds:.0f} s"]
 
 
+def data_markdown(stages: list[StageMetrics]) -> list[str]:
+    """The data accounting of each stage's last train record that has it (evip/data/accounting.py
+    `data_record`): one row per source."""
+    rows = []
+    for s in stages:
+        last = next((r for r in reversed(s.train) if "data/packing_efficiency" in r), None)
+        if last is None:
+            continue
+        sources = sorted({k.split("/")[2] for k in last if k.startswith(("data/samples/", "data/bad/", "data/filtered/"))})
+        for src in sources:
+            def reasons(kind: str) -> str:
+                got = {k.rsplit("/", 1)[1]: v for k, v in last.items() if k.startswith(f"data/{kind}/{src}/")}
+                return ", ".join(f"{r}: {n:,}" for r, n in sorted(got.items())) or "-"
+            rows.append(f"| {s.name} | {src} | {last.get(f'data/samples/{src}', 0):,} | "
+                        f"{last.get(f'data/mixture/{src}', 0.0):.3f} | {reasons('bad')} | {reasons('filtered')} | "
+                        f"{last['data/packing_efficiency']:.3f} |")
+    if not rows:
+        return []
+    return ["", "## Data", "",
+            "Per stage and source, as of the stage's last logged step (all ranks): samples used, their share "
+            "(the realised mixture), bad samples and filtered samples by reason, and the packing efficiency "
+            "(real tokens / token budget) of the stage.", "",
+            "| stage | source | samples | realised share | bad (reason: n) | filtered (reason: n) | packing |",
+            "|---|---|---|---|---|---|---|", *rows]
+
+
 def summary_markdown(stages: list[StageMetrics], accuracy: dict | None) -> str:
     head = ["stage", "trainable params", "steps", "tokens", "caption loss start -> end",
             "held-out caption loss: own / other image", "text-only perplexity start -> end", "time"]
@@ -294,6 +323,7 @@ def summary_markdown(stages: list[StageMetrics], accuracy: dict | None) -> str:
     lines += ["| " + " | ".join(stage_row(s)) + " |" for s in stages]
     total = sum(s.seconds for s in stages)
     lines += ["", f"Total training time: {total:.0f} s over {sum(s.steps for s in stages)} steps."]
+    lines += data_markdown(stages)
     if accuracy:
         lines += ["", "## Held-out accuracy", "",
                   f"{accuracy['correct']}/{accuracy['n']} = **{100 * accuracy['accuracy']:.1f}%** "

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from evip import checkpoint as ckpt
 from evip.batch import BATCH_KEYS
+from evip.data.accounting import TooManyBadSamples, data_record, gather_stats, one_line
 from evip.engine import build_engine, current_lr
 from evip.signals import Preempted, StopRequest, TooManyNonFinite
 from evip.stages import StageConfig, apply_trainable, frozen_digest, verify_frozen
@@ -114,6 +115,13 @@ class StageTrainer:
             return self.counters.step >= self.stage.steps
         return self.counters.tokens >= self.stage.tokens
 
+    def data_stats(self) -> dict | None:
+        """The loader's counters summed over ranks as flat `data/...` metrics (evip/data/accounting.py);
+        None for a loader that keeps none. A collective: every rank calls it."""
+        stats = getattr(self.loader, "stats", None)
+        merged = gather_stats(stats() if callable(stats) else None)
+        return data_record(merged) if merged else None
+
     def run(self) -> ckpt.Counters:
         self.build()
         c = self.ctx
@@ -124,7 +132,13 @@ class StageTrainer:
         faults = self.stage.faults
         while not self.done():
             t0 = time.perf_counter()
-            stats, wait = self.train_step(data_iter, poison=self.counters.step in faults.nonfinite_steps)
+            try:
+                stats, wait = self.train_step(data_iter, poison=self.counters.step in faults.nonfinite_steps)
+            except TooManyBadSamples as e:      # raised by this rank's loader (a worker): stop, keep the checkpoints
+                latest = ckpt.latest_checkpoint(self.ckpt_root)
+                raise TooManyBadSamples(
+                    f"stage {self.stage.name!r} after step {self.counters.step}: {one_line(e)}. Last checkpoint: "
+                    f"{latest or 'none yet'} (intact; the same command resumes from it)") from None
             if c.rank == 0 and self.counters.step == faults.signal_after_step:
                 os.kill(os.getpid(), signal.SIGUSR1)   # injected: a real signal, handled as in production
             minutes_due = (self.stage.checkpoint.every_minutes > 0 and c.rank == 0 and
@@ -140,6 +154,8 @@ class StageTrainer:
                 self.counters.skipped += 1
             else:
                 self.counters.nonfinite = 0
+            if self.counters.step % max(1, self.stage.log_every) == 0:
+                stats["data"] = self.data_stats()
             if c.metrics is not None:
                 c.metrics.log_step(self.stage.name, self.counters, stats, stats["lr"],
                                    time.perf_counter() - t0, wait, self.total_steps, nonfinite, stats["row_len"])

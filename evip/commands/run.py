@@ -1,8 +1,11 @@
 """`evip run PIPELINE --run-dir DIR [key=value ...]`: run the stages in order; rerun to continue.
 
-Exit codes (evip/exit_codes.py): 0 done; 2 config error; 74 a checkpoint write failed (disk full)
+Exit codes (evip/exit_codes.py): 0 done; 2 config error; 73 another job holds the run dir (nothing
+touched); 74 a checkpoint write failed (disk full)
 or no checkpoint is intact; 75 preempted (checkpoint written, rerun
-the same command); 76 too many non-finite steps (checkpoint written, inspect first); 1 other errors.
+the same command); 76 too many non-finite steps (checkpoint written, inspect first); 78 a source's
+bad samples passed data.max_bad_fraction (the source, reasons and worst shards named; the last
+checkpoint intact); 1 other errors.
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ def register(sub) -> None:
 def main(args) -> int:
     from evip import exit_codes
     from evip.pipeline import load_pipeline, run_pipeline
+    from evip.data.accounting import TooManyBadSamples
     from evip.signals import Preempted, TooManyNonFinite
     from evip.checkpoint import CheckpointDamaged, CheckpointWriteError
+    from evip.lease import RunDirBusy
 
     from evip.pipeline import check_pipeline
     run_dir, overrides = args.run_dir[0], [*args.overrides, *args.run_dir[1:]]
@@ -38,7 +43,13 @@ def main(args) -> int:
     except TooManyNonFinite as e:
         print(f"evip run: stopped: {e}", file=sys.stderr, flush=True)
         return exit_codes.NON_FINITE
+    except RunDirBusy as e:
+        print(f"evip run: refused: {e}", file=sys.stderr, flush=True)
+        return exit_codes.RUN_DIR_BUSY
     except (CheckpointWriteError, CheckpointDamaged) as e:
         print(f"evip run: checkpoint storage: {e}", file=sys.stderr, flush=True)
         return exit_codes.CHECKPOINT_IO
+    except TooManyBadSamples as e:
+        print(f"evip run: stopped on bad data: {e}", file=sys.stderr, flush=True)
+        return exit_codes.BAD_DATA
     return exit_codes.OK

@@ -1,7 +1,9 @@
 """Counting samples and bad samples per source and reason, and stopping past a bad fraction.
 
 Counters live in each DataLoader worker, are part of its saved state, and travel to the main
-process with every batch (see loader.py `EvipLoader.stats()`).
+process with every batch (see loader.py `EvipLoader.stats()`). During a run the trainer sums them
+over ranks (`gather_stats`) and logs them (`data_record`): per source the samples used, bad
+samples and filtered samples per reason, the realised mixture, and the packing efficiency.
 """
 from __future__ import annotations
 
@@ -89,3 +91,56 @@ def merge_stats(per_worker: list[dict]) -> dict:
     total = nbad + sum(out["samples"].values())
     out["bad_fraction"] = nbad / total if total else 0.0
     return out
+
+
+def gather_stats(local: dict | None) -> dict | None:
+    """The loader stats of every rank summed (a collective: every rank calls it); None without
+    stats (a loader that keeps none)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, local)
+        every = [s for s in every if s is not None]
+    else:
+        every = [local] if local is not None else []
+    return merge_stats(every) if every else None
+
+
+def data_record(stats: dict) -> dict:
+    """Flat numbers for metrics.jsonl and wandb, from (merged) loader stats:
+    data/samples/SRC, data/mixture/SRC (share of the samples used), data/bad/SRC/REASON,
+    data/filtered/SRC/REASON (the filters' reasons), data/bad_fraction, data/filtered_fraction
+    (of all samples read), data/packing_efficiency (real tokens / token budget)."""
+    from evip.data.filters import FILTER_REASONS
+    used = sum(stats["samples"].values())
+    rec: dict = {}
+    nbad = nfiltered = 0
+    for src, n in sorted(stats["samples"].items()):
+        rec[f"data/samples/{src}"] = n
+        rec[f"data/mixture/{src}"] = n / used if used else 0.0
+    for src, reasons in sorted(stats["bad"].items()):
+        for reason, n in sorted(reasons.items()):
+            filtered = reason in FILTER_REASONS
+            rec[f"data/{'filtered' if filtered else 'bad'}/{src}/{reason}"] = n
+            nfiltered, nbad = nfiltered + n * filtered, nbad + n * (not filtered)
+    read = used + nbad + nfiltered
+    rec["data/bad_fraction"] = nbad / read if read else 0.0
+    rec["data/filtered_fraction"] = nfiltered / read if read else 0.0
+    rec["data/packing_efficiency"] = stats.get("packing_efficiency", 0.0)
+    return rec
+
+
+def data_summary(rec: dict) -> str:
+    """The console's few words on the data, from `data_record`: packing, bad and filtered shares."""
+    return (f"pack {100 * rec['data/packing_efficiency']:.0f}% bad {100 * rec['data/bad_fraction']:.1f}% "
+            f"filtered {100 * rec['data/filtered_fraction']:.1f}%")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a TooManyBadSamples, also when a DataLoader worker raised it (torch then
+    prefixes the worker's traceback)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(err):
+        last = lines[-1]
+        return last.split("TooManyBadSamples: ", 1)[-1]
+    return str(err)

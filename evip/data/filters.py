@@ -23,6 +23,10 @@ import torch
 from evip.data.record import BadSample, Record
 
 
+# the reasons a filter gives (the others a loader counts are bad data: decode, bomb, missing_field...)
+FILTER_REASONS = ("min_side", "aspect_ratio", "caption_length", "duplicate_key", "duplicate_image")
+
+
 @dataclass
 class FilterConfig:
     min_side: int = 0                 # px; 0: off. Shorter image side below this: dropped
