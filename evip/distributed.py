@@ -138,10 +138,24 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
                    master_addr="127.0.0.1", master_port=free_port(), launcher="single")
 
 
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device of this process. One visible device (srun --gpus-per-task=1, or
+    CUDA_VISIBLE_DEVICES set per task) is the task's own GPU whatever its LOCAL_RANK; with
+    several visible devices LOCAL_RANK indexes them (torchrun, srun with all GPUs visible)."""
+    if device_count == 1:
+        return 0
+    if 0 <= local_rank < device_count:
+        return local_rank
+    raise DistributedError(
+        f"LOCAL_RANK={local_rank} but this process sees {device_count} GPUs: start at most one process "
+        f"per GPU (torchrun --nproc-per-node, or srun --ntasks-per-node with one GPU per task), or show "
+        f"each task one GPU (srun --gpus-per-task=1)")
+
+
 def backend_and_device(local_rank: int) -> tuple[str, str]:
     import torch
     if torch.cuda.is_available():
-        return "nccl", f"cuda:{local_rank}"
+        return "nccl", f"cuda:{cuda_device_index(local_rank, torch.cuda.device_count())}"
     return "gloo", "cpu"
 
 
@@ -149,7 +163,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     """Detect the launcher, export the env:// variables, pick the device and form the process group.
 
     `timeout_s` bounds the rendezvous and every collective. On CUDA the backend is nccl and the
-    current device is cuda:LOCAL_RANK; otherwise gloo on CPU. Calling it twice is harmless.
+    current device is cuda:LOCAL_RANK (cuda:0 when the process sees one GPU); otherwise gloo on
+    CPU. Calling it twice is harmless.
     """
     import torch
     import torch.distributed as dist
@@ -159,11 +174,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     default_backend, device = backend_and_device(env.local_rank)
     backend = backend or default_backend
     if device.startswith("cuda"):
-        if env.local_rank >= torch.cuda.device_count():
-            raise DistributedError(
-                f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} GPUs: "
-                f"start at most one process per GPU (torchrun --nproc-per-node / srun --gpus-per-task)")
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(torch.device(device))   # DeepSpeed takes it from here (evip/engine.py)
     if dist.is_available() and dist.is_initialized():
         return env
     try:

@@ -10,6 +10,7 @@ The model must already be frozen by its stage's groups (evip.stages.apply_traina
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -18,6 +19,10 @@ from torch import nn
 from evip.stages import ScheduleConfig, StageConfig
 
 NO_DECAY_NAMES = ("tok_embeddings", "class_embedding", "position_embedding")
+
+#: ZeRO-3 keeps parameters below this many elements whole on every rank (DeepSpeed's default);
+#: the tests set it to 0 so that a tiny model's parameters are really partitioned.
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -60,10 +65,16 @@ def deepspeed_config(stage: StageConfig) -> dict:
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": stage.zero_stage},
         "bf16": {"enabled": stage.precision == "bf16"},
+        # under bf16, reduce gradients across ranks and accumulate micro-batches in fp32: bf16's
+        # 8-bit mantissa loses small gradients in a sum over ranks or grad_accum micro-batches
+        # (DeepSpeed's defaults follow the model dtype). ZeRO-1 then uses DeepSpeed's BF16_Optimizer.
+        "communication_data_type": "fp32",
+        "data_types": {"grad_accum_dtype": "fp32"},
     }
     if stage.zero_stage == 3:
-        # keep gathered params small on tiny models; gather everything at save for consolidation
-        cfg["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+        # consolidation reads the fp32 masters (evip/checkpoint.py), not 16-bit weights at save
+        cfg["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
+                                         "stage3_param_persistence_threshold": ZERO3_PERSISTENCE_THRESHOLD})
     return cfg
 
 
@@ -109,7 +120,9 @@ def build_engine(model: nn.Module, stage: StageConfig, total_steps: int, load_un
     config = deepspeed_config(stage)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    # the device init_distributed chose (cuda:0 when a task sees one GPU); DeepSpeed would take LOCAL_RANK
+    args = SimpleNamespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=opt, lr_scheduler=sched, config=config)
     if stage.zero_stage == 0 and engine.dp_world_size == 1:
         # alone, DeepSpeed's ZeRO-0 all-reduce still flattens every gradient into a bucket and
         # copies it back (a tenth of a small model's step): skip it, as DeepSpeed does without a

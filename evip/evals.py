@@ -30,10 +30,17 @@ def corpus_text(name: str, max_chars: int = 200_000) -> str:
 
 
 def text_batches(tokenizer, model_cfg, corpus: str, seq_len: int, n: int, rank: int, world_size: int):
-    """n batches [1, seq_len] of consecutive corpus tokens for this rank (kind 'text')."""
+    """n batches [1, seq_len] of consecutive corpus tokens for this rank (kind 'text'). Every rank
+    gets the same number (fewer than n when the corpus is short): under ZeRO-3 a forward is a
+    collective, and a rank with one forward more would wait for the others forever."""
     ids = tokenizer(corpus_text(corpus), add_special_tokens=False)["input_ids"]
-    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)][: n * world_size]
-    for chunk in chunks[rank::world_size]:
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)]
+    per_rank = min(n, len(chunks) // world_size)
+    if per_rank == 0:
+        raise ValueError(f"eval.text_corpus {corpus!r} holds {len(ids)} tokens: fewer than one eval.text_seq_len="
+                         f"{seq_len} chunk per rank ({world_size} ranks); use a longer corpus or a shorter "
+                         f"eval.text_seq_len")
+    for chunk in chunks[: per_rank * world_size][rank::world_size]:
         x = torch.tensor([chunk])
         yield {"input_ids": x, "labels": x.clone(), "position_ids": torch.arange(seq_len)[None],
                "seq_ids": torch.zeros_like(x), "kind_ids": torch.full_like(x, KIND_ID["text"])}   # no images

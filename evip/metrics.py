@@ -1,13 +1,18 @@
 """Training metrics: a console line with ETA, a JSONL file in the run dir and wandb (rank 0 only).
 
 Per step: loss (and per kind: caption, chat, text), grad norm, lr, tokens/s, samples/s, the
-fraction of the step spent waiting for data, MFU on GPUs, peak memory, skipped steps.
+fraction of the step spent waiting for data, the step's model FLOPs, MFU on GPUs, peak memory,
+skipped steps.
 
-MFU counts the FLOPs of the ROUTED model: every token goes through the shared attention and ONE
-FFN (its modality's expert), so a visual FFN adds parameters but no FLOPs per token:
-    flops/token = 6 * N_active + 6 * L * (n_heads * head_dim) * context     (fwd + bwd)
-with N_active = attention + one FFN + norms per layer, plus the head (embedding lookups are free),
-and `context` the mean attended length (half the packed row length: causal).
+MFU counts the FLOPs of the ROUTED model per optimizer step (all ranks), forward + backward:
+    6 * N_body * tokens + 6 * H * V * labelled + 12 * L * (n_heads * head_dim) * sum_i n_i^2
+with N_body = attention + ONE FFN (the token's modality expert) + norms per layer, so a visual FFN
+adds parameters but no FLOPs per token (embedding lookups and the patch embedding are not counted);
+the head (H x V) runs on the `labelled` positions only (the trainer's return_logits=False); and
+n_i the length of each packed sample: a token attends only within its sample, so a row of k
+samples costs sum n_i^2, not T^2 (12 * L * d per attended pair: QK^T and AV, forward and backward,
+counted over the full square as PaLM's MFU does, not halved for the causal mask).
+Peak memory is the step's own peak: the counter is reset after every logged step.
 wandb runs offline in the run dir unless `wandb.project` is set; `WANDB_MODE` is respected; a
 wandb failure is printed once and never stops the run.
 Data accounting (every `log_every` steps, summed over ranks): the `data/...` keys of
@@ -29,6 +34,7 @@ from evip.data.accounting import data_summary
 # dense bf16 tensor-core peak FLOP/s per device (vendor datasheets, without sparsity)
 PEAK_BF16_FLOPS = {
     "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "H100 PCIe": 756e12, "H800 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12,
     "A100": 312e12, "A800": 312e12, "A10G": 70e12, "A10": 125e12, "A6000": 155e12,
     "L40S": 362e12, "L40": 181e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
     "MI300X": 1307e12, "MI250X": 383e12,
@@ -44,18 +50,39 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def active_params_per_token(cfg) -> int:
-    """Parameters one token touches in the routed model (no embedding lookup, one FFN)."""
+    """Parameters one token touches in the routed model (no embedding lookup, one FFN, the head)."""
+    return body_params_per_token(cfg) + cfg.hidden_size * cfg.vocab_size
+
+
+def body_params_per_token(cfg) -> int:
+    """`active_params_per_token` without the head."""
     h, hd = cfg.hidden_size, cfg.head_dim
     attn = h * hd * (cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.num_heads * hd * h
     ffn = 3 * h * cfg.intermediate_size
-    return cfg.num_layers * (attn + ffn + 2 * h) + h + h * cfg.vocab_size
+    return cfg.num_layers * (attn + ffn + 2 * h) + h
 
 
-def flops_per_token(cfg, row_len: int) -> float:
-    return 6.0 * active_params_per_token(cfg) + 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * row_len / 2
+def attended_pairs(seq_ids: torch.Tensor) -> torch.Tensor:
+    """sum over the packed samples of (sample length)^2, from seq_ids [B, T] (-1 = padding), on the
+    tensor's device without a host sync (a scatter into fixed-size slots, no bincount)."""
+    b, t = seq_ids.shape
+    slot = torch.arange(b, device=seq_ids.device)[:, None] * t + seq_ids.clamp(min=0)
+    slot = torch.where(seq_ids >= 0, slot, b * t)                       # padding: one spare slot
+    counts = torch.zeros(b * t + 1, dtype=torch.float64, device=seq_ids.device)
+    counts.index_add_(0, slot.reshape(-1), torch.ones(b * t, dtype=torch.float64, device=seq_ids.device))
+    return (counts[:-1] ** 2).sum()
+
+
+def step_flops(cfg, tokens: float, labelled: float, pairs: float) -> float:
+    """Model FLOPs (fwd + bwd) of `tokens` non-padding tokens, `labelled` of them through the head,
+    whose samples hold `pairs` = sum n_i^2 attended pairs (see the module docstring)."""
+    attn_width = cfg.num_heads * cfg.head_dim
+    return (6.0 * body_params_per_token(cfg) * tokens + 6.0 * cfg.hidden_size * cfg.vocab_size * labelled
+            + 12.0 * cfg.num_layers * attn_width * pairs)
 
 
 def memory_stats() -> dict:
+    """The peak memory since the last `reset_peak_memory()` (GPU) or of the process (CPU RSS)."""
     if torch.cuda.is_available():
         return {"mem_alloc_gb": torch.cuda.max_memory_allocated() / 2**30,
                 "mem_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
@@ -64,6 +91,11 @@ def memory_stats() -> dict:
         return {"rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     except ImportError:
         return {}
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 class Metrics:
@@ -96,8 +128,10 @@ class Metrics:
                 self.wandb = None
 
     def log_step(self, stage: str, counters, stats: dict, lr: float, step_time: float, wait: float,
-                 total_steps: int, skipped: bool, row_len: int = 0) -> None:
+                 total_steps: int, skipped: bool) -> None:
+        """`stats`: the step's global tokens, samples, labelled tokens and attended pairs (trainer)."""
         if self.rank != 0:
+            reset_peak_memory()
             return
         tokens, samples = stats["tokens"], stats["samples"]
         rec = {"kind": "train", "stage": stage, "step": counters.step, "tokens_total": counters.tokens,
@@ -107,9 +141,11 @@ class Metrics:
                "skipped": bool(skipped), "skipped_total": counters.skipped, "time": time.time(),
                **(stats.get("data") or {}),
                **{f"loss_{k}": v for k, v in stats["kind_loss"].items() if v is not None}, **memory_stats()}
-        if self.peak and row_len:
-            per_rank = tokens / self.world_size
-            rec["mfu"] = per_rank * flops_per_token(self.model_cfg, row_len) / step_time / self.peak
+        reset_peak_memory()
+        if "pairs" in stats:
+            rec["step_flops"] = step_flops(self.model_cfg, tokens, stats["labelled"], stats["pairs"])
+            if self.peak:
+                rec["mfu"] = rec["step_flops"] / self.world_size / step_time / self.peak
         self.write(rec)
         left = max(0, total_steps - counters.step) * step_time
         print(f"[{stage}] step {counters.step}/{total_steps} loss {stats['loss']:.4f} "

@@ -27,6 +27,7 @@ from evip import checkpoint as ckpt
 from evip.batch import BATCH_KEYS
 from evip.data.accounting import TooManyBadSamples, data_record, gather_stats, one_line
 from evip.engine import build_engine, current_lr
+from evip.metrics import attended_pairs
 from evip.signals import Preempted, StopRequest, TooManyNonFinite
 from evip.stages import StageConfig, apply_trainable, frozen_digest, verify_frozen
 
@@ -158,7 +159,7 @@ class StageTrainer:
                 stats["data"] = self.data_stats()
             if c.metrics is not None:
                 c.metrics.log_step(self.stage.name, self.counters, stats, stats["lr"],
-                                   time.perf_counter() - t0, wait, self.total_steps, nonfinite, stats["row_len"])
+                                   time.perf_counter() - t0, wait, self.total_steps, nonfinite)
             step = self.counters.step
             if self.counters.nonfinite >= self.stage.max_nonfinite:
                 self.save()
@@ -182,8 +183,9 @@ class StageTrainer:
         """grad_accum micro-batches and one optimizer step. Returns global stats and data-wait time."""
         engine = self.engine
         lr = current_lr(engine)
-        # on the device, read once per step: loss_sum, ntok, kind_loss[3], kind_ntok[3], tokens, samples, nonfinite
-        acc = torch.zeros(11, dtype=torch.float64, device=self.device)
+        # on the device, read once per step: loss_sum, ntok, kind_loss[3], kind_ntok[3], tokens, samples,
+        # nonfinite, attended pairs (sum of squared sample lengths, for MFU)
+        acc = torch.zeros(12, dtype=torch.float64, device=self.device)
         wait = 0.0
         for _ in range(self.stage.grad_accum):
             t = time.perf_counter()
@@ -201,6 +203,7 @@ class StageTrainer:
             acc[8] += (batch["seq_ids"] >= 0).sum()
             acc[9] += (batch["seq_ids"].max(dim=1).values + 1).clamp(min=0).sum()   # seq ids are 0..k-1 per row
             acc[10] += (~torch.isfinite(loss.detach())).double()
+            acc[11] += attended_pairs(batch["seq_ids"])
         acc[:8] = torch.nan_to_num(acc[:8], nan=0.0, posinf=0.0, neginf=0.0)
         acc = _all_reduce(acc).cpu()
         grad_norm = engine.get_global_grad_norm()
@@ -213,8 +216,8 @@ class StageTrainer:
                  for i, k in enumerate(("caption", "chat", "text"))}
         loss = (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
         return {"loss": loss if acc[10] == 0 else float("nan"), "kind_loss": kinds, "grad_norm": grad_norm,
-                "lr": lr, "row_len": int(batch["input_ids"].shape[1]),
-                "tokens": int(acc[8]), "samples": int(acc[9]), "nonfinite": acc[10].item() > 0}, wait
+                "lr": lr, "tokens": int(acc[8]), "samples": int(acc[9]), "labelled": int(acc[1]),
+                "pairs": float(acc[11]), "nonfinite": acc[10].item() > 0}, wait
 
     # ---- checkpoints and the end of the stage ---------------------------------------------
     def save(self) -> Path:

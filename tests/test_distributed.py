@@ -116,3 +116,18 @@ def test_run_dir_not_shared_between_nodes_fails_on_every_rank(tmp_path):
         assert r.returncode != 0
         assert "RunDirError" in r.stderr and "not one shared directory" in r.stderr, r.stderr[-3000:]
         assert "does not see the markers of rank" in r.stderr
+
+
+def test_one_visible_gpu_per_task_is_cuda0_whatever_the_local_rank(monkeypatch):
+    """srun --gpus-per-task=1 shows each task one GPU: LOCAL_RANK 1-7 must not index past it."""
+    import torch
+    from evip.distributed import DistributedError, backend_and_device, cuda_device_index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [backend_and_device(r) for r in range(8)] == [("nccl", "cuda:0")] * 8
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)   # torchrun: all GPUs visible
+    assert [backend_and_device(r)[1] for r in range(8)] == [f"cuda:{r}" for r in range(8)]
+    assert cuda_device_index(3, 4) == 3
+    with pytest.raises(DistributedError, match="LOCAL_RANK=5 but this process sees 4 GPUs"):
+        cuda_device_index(5, 4)

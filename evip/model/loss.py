@@ -42,17 +42,76 @@ def labelled_positions(labels: torch.Tensor, seq_ids: torch.Tensor) -> tuple[tor
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, kinds: Optional[torch.Tensor]) -> LossParts:
     """Cross-entropy of the labelled positions only: logits [N, V], targets [N], kinds [N] or None."""
     per_token = F.cross_entropy(logits.float(), targets, reduction="none")
-    loss_sum = per_token.sum()
-    num = torch.tensor(targets.numel(), device=logits.device)
+    return _parts(per_token.sum(), per_token.detach(), kinds)
+
+
+def _parts(loss_sum: torch.Tensor, per_token: torch.Tensor, kinds: Optional[torch.Tensor]) -> LossParts:
+    num = torch.tensor(per_token.numel(), device=per_token.device)
     loss = loss_sum / num.clamp(min=1)
-    kind_sum = torch.zeros(len(KINDS), dtype=torch.float32, device=logits.device)
-    kind_num = torch.zeros(len(KINDS), dtype=torch.int64, device=logits.device)
+    kind_sum = torch.zeros(len(KINDS), dtype=torch.float32, device=per_token.device)
+    kind_num = torch.zeros(len(KINDS), dtype=torch.int64, device=per_token.device)
     if kinds is not None:
         known = (kinds >= 0) & (kinds < len(KINDS))
         kinds = torch.where(known, kinds, torch.zeros_like(kinds))
-        kind_sum = kind_sum.index_add(0, kinds, per_token.detach() * known)
+        kind_sum = kind_sum.index_add(0, kinds, per_token * known)
         kind_num = kind_num.index_add(0, kinds, known.long())
     return LossParts(loss, loss_sum, num, kind_sum, kind_num)
+
+
+#: logits elements one chunk of `head_lm_loss` may hold (2**27: 512 MB in fp32, 1,450 positions at
+#: InternLM2's 92,544-token vocabulary); the logits memory is bounded by this, not by N x V.
+LOGITS_CHUNK_ELEMENTS = 2 ** 27
+
+
+def head_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kinds: Optional[torch.Tensor],
+                 chunk_rows: Optional[int] = None) -> LossParts:
+    """`lm_loss(F.linear(h, weight), targets, kinds)` without the [N, V] logits: the head and the
+    cross-entropy run `chunk_rows` positions at a time (default: LOGITS_CHUNK_ELEMENTS // V), and
+    each chunk's gradients are computed as it goes (softmax - one-hot), so neither the forward nor
+    the backward keeps more than one chunk of logits. h [N, H], weight [V, H] (the head)."""
+    rows = chunk_rows or max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+    grads = torch.is_grad_enabled()
+    loss_sum, per_token = _ChunkedHeadCE.apply(h, weight, targets, rows, grads and h.requires_grad,
+                                               grads and weight.requires_grad)
+    return _parts(loss_sum, per_token, kinds)
+
+
+class _ChunkedHeadCE(torch.autograd.Function):
+    """(sum of the per-position CE, the per-position CE detached) of logits = h @ weight^T, in
+    chunks of positions. The gradients of loss_sum w.r.t. h and weight are computed in the forward,
+    chunk by chunk, and scaled by the incoming gradient in the backward (loss_sum is a scalar)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows: int, want_h: bool, want_w: bool):
+        n = h.shape[0]
+        per_token = torch.empty(n, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for s in range(0, n, rows):
+            hc, tc = h[s:s + rows], targets[s:s + rows]
+            logits = F.linear(hc, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            per_token[s:s + rows] = lse - logits.gather(1, tc[:, None]).squeeze(1)
+            if want_h or want_w:
+                g = logits.sub_(lse[:, None]).exp_()                         # softmax, in place
+                g.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+                g = g.to(h.dtype)
+                if want_h:
+                    grad_h[s:s + rows] = g @ weight
+                if want_w:
+                    grad_w.add_((g.t() @ hc).float())                    # chunks summed in fp32
+            del logits
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(per_token)
+        ctx.weight_dtype = weight.dtype
+        return per_token.sum(), per_token
+
+    @staticmethod
+    def backward(ctx, grad_sum, _grad_per_token):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_sum.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_sum).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None
 
 
 def packed_lm_loss(logits: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,

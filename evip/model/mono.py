@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from evip.model.config import ModelConfig
 from evip.model.decoder import DecoderLayer
 from evip.model.kv_cache import KVCache
-from evip.model.loss import labelled_positions, lm_loss, packed_lm_loss
+from evip.model.loss import head_lm_loss, labelled_positions, packed_lm_loss
 from evip.model.norm import RMSNorm
 from evip.model.packed_attention import AttentionContext, cached_context, choose_impl, packed_context
 from evip.model.rope import rope_base, rope_for
@@ -134,9 +134,11 @@ class MonoInternVL(nn.Module):
                 h = layer(h, rope, ctx, routing, cache)
         return self.norm(h)
 
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight)
+        return F.linear(h, self.head_weight())
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 seq_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
@@ -144,8 +146,9 @@ class MonoInternVL(nn.Module):
                 *, kv_cache: Optional[KVCache] = None, return_logits: bool = True) -> ModelOutput:
         """A packed micro-batch (evip/batch.py) -> ModelOutput.
 
-        `return_logits=False` (with labels): the head runs only on the labelled positions and
-        `logits` is None; same loss and gradients, without the [B, T, vocab] tensor (training).
+        `return_logits=False` (with labels): the head runs only on the labelled positions, in chunks
+        (loss.head_lm_loss), and `logits` is None; same loss and gradients, with no [B, T, vocab]
+        or [labelled, vocab] tensor (training).
         With `kv_cache` (generation; B = the cache's rows) the tokens continue the cached ones and
         positions default to follow them."""
         if input_ids.dim() != 2:
@@ -181,7 +184,7 @@ class MonoInternVL(nn.Module):
             logits = None
             sel, targets = labelled_positions(labels, seq_ids)
             kinds = None if kind_ids is None else kind_ids.reshape(-1).index_select(0, sel)
-            parts = lm_loss(self.head(h.reshape(b * t, -1).index_select(0, sel)), targets, kinds)
+            parts = head_lm_loss(h.reshape(b * t, -1).index_select(0, sel), self.head_weight(), targets, kinds)
         return ModelOutput(logits, parts.loss, parts.loss_sum, parts.num_tokens, parts.kind_loss_sum,
                            parts.kind_num_tokens)
 
