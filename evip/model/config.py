@@ -46,7 +46,7 @@ class ModelConfig:
     img_context_token_id: int = 92546
     pad_token_id: int = 0
     # --- execution ---
-    attn_impl: str = "auto"              # auto | sdpa | flash (flash-attn varlen, GPU only)
+    attn_impl: str = "auto"              # auto | sdpa | flex | varlen | flash (evip/model/packed_attention.py)
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
