@@ -3,6 +3,7 @@ stage trained by the real trainer): answers are text and reproducible, the promp
 chat template, the export reloads bit-exactly, errors name the cause."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -12,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from evip.cli import main
-from evip.inference import PromptBuilder, latest_weights, run_tokenizer
+from evip.inference import PromptBuilder, latest_weights, run_tokenizer, stage_sample_config
 from evip.pipeline import load_pipeline, run_pipeline
 from trainer_helpers import prepared_tokenizer, write_e2e_pipeline
 
@@ -122,6 +123,34 @@ def test_export_reloads_exactly(run, capsys, tmp_path, dtype):
     assert tok.get_vocab() == run_tokenizer(run / "run").get_vocab()
     assert main(["export", str(run / "run"), str(out)]) == 1                # never overwrites
     assert "not an empty directory" in capsys.readouterr().err
+    # served as trained: the stage's tiling, the training chat prompt, stop at the turn end
+    w = latest_weights(run / "run")
+    image = stage_sample_config(w).image
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dynamic_image_size"], config["min_dynamic_patch"], config["max_dynamic_patch"],
+            config["use_thumbnail"]) == (True, image.min_tiles, image.max_tiles, image.use_thumbnail)
+    assert config["vision_config"]["model_type"] == "intern_vit_patch"
+    rendered = tok.apply_chat_template([{"role": "user", "content": "<image>\nHi?"}], tokenize=False,
+                                       add_generation_prompt=True)
+    block = "<img>" + "<IMG_CONTEXT>" * w.model_cfg.tokens_per_tile + "</img>"   # what the servers put for <image>
+    trained = PromptBuilder(w, run_tokenizer(run / "run")).build("Hi?", [(run / "red.png").read_bytes()])
+    assert rendered.replace("<image>", block) == tok.decode(trained.input_ids[0].tolist())
+    assert tok(rendered.replace("<image>", block), add_special_tokens=False)["input_ids"] == trained.input_ids[0].tolist()
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert tok.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
+
+
+def test_export_copies_the_released_modelling_files(run, capsys, tmp_path):
+    from evip.model.serving import REMOTE_CODE
+
+    code = tmp_path / "Mono-InternVL-2B"
+    code.mkdir()
+    assert main(["export", str(run / "run"), str(tmp_path / "a"), "--remote-code", str(code)]) == 1
+    assert "lacks configuration_internvl_chat.py" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    for name in REMOTE_CODE + ("conversation.py",):
+        (code / name).write_text(f"# {name}\n")
+    assert main(["export", str(run / "run"), str(tmp_path / "b"), "--remote-code", str(code)]) == 0
+    assert all((tmp_path / "b" / name).read_text() == f"# {name}\n" for name in REMOTE_CODE + ("conversation.py",))
 
 
 @pytest.mark.slow

@@ -25,21 +25,29 @@ def register(subparsers) -> None:
     p.add_argument("--stage", default=None, help="a stage's name (default: the newest weights of the run), or 'base'")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="tensor dtype of the export (default bf16, the release's; fp32 is exact)")
+    p.add_argument("--remote-code", default=None, metavar="DIR",
+                   help="a local copy of a released Mono-InternVL checkpoint (e.g. OpenGVLab/Mono-InternVL-2B): "
+                        "its *.py modelling files are copied next to the weights, so that "
+                        "`from_pretrained(OUT, trust_remote_code=True)`, vLLM and LMDeploy find them")
     p.set_defaults(func=run)
 
 
-def export(run_dir, out, stage=None, dtype: str = "bf16") -> Path:
+def export(run_dir, out, stage=None, dtype: str = "bf16", remote_code=None) -> Path:
     """Export (see the command's help); returns OUT."""
     import torch
 
     from evip.inference import InferenceError, latest_weights, run_tokenizer, stage_sample_config
     from evip.model.mono2b_layout import NotExportableError, check_exportable
-    from evip.model.serving import ServingConfig
+    from evip.model.serving import ServingConfig, copy_remote_code, remote_code_files
     from evip.model.weights import save_mono2b
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InferenceError(f"{out} exists and is not an empty directory: export into a new one")
+    try:
+        code = remote_code_files(remote_code) if remote_code is not None else []
+    except FileNotFoundError as e:
+        raise InferenceError(str(e)) from None
     weights = latest_weights(run_dir, stage)
     try:
         check_exportable(weights.model_cfg)      # before any work: a refusal costs nothing
@@ -52,13 +60,14 @@ def export(run_dir, out, stage=None, dtype: str = "bf16") -> Path:
     model = weights.build().to(getattr(torch, DTYPES[dtype]))
     out.mkdir(parents=True, exist_ok=True)
     save_mono2b(model, out, tokenizer=tok, serving=serving)
+    copy_remote_code(code, out)
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     from evip.inference import InferenceError
     try:
-        out = export(args.run_dir, args.out, args.stage, args.dtype)
+        out = export(args.run_dir, args.out, args.stage, args.dtype, args.remote_code)
     except InferenceError as e:
         print(f"evip export: error: {e}", file=sys.stderr)
         return 1

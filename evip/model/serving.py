@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,24 @@ def save_serving_files(tokenizer: Any, directory: str | Path, serving: ServingCo
     generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop_token_ids(tokenizer),
                   "pad_token_id": pad_token_id}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+# The released checkpoints' modelling files that config.json's auto_map names (mono2b_layout.AUTO_MAP).
+REMOTE_CODE = ("configuration_internvl_chat.py", "modeling_internvl_chat.py", "configuration_intern_vit.py",
+               "modeling_intern_vit.py", "configuration_internlm2.py", "modeling_internlm2_ve.py")
+
+
+def remote_code_files(source: str | Path) -> list[Path]:
+    """The *.py files of a local copy of a released Mono-InternVL checkpoint; FileNotFoundError naming
+    what is missing when it does not hold the files auto_map names."""
+    source = Path(source)
+    missing = [name for name in REMOTE_CODE if not (source / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{source} lacks {', '.join(missing)}: pass --remote-code a local copy of a "
+                                "released Mono-InternVL checkpoint (e.g. OpenGVLab/Mono-InternVL-2B)")
+    return sorted(source.glob("*.py"))
+
+
+def copy_remote_code(files: list[Path], directory: str | Path) -> None:
+    for f in files:
+        shutil.copyfile(f, Path(directory) / f.name)
