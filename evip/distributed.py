@@ -21,6 +21,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal, Mapping
 
+from evip.parent_death import exit_with_parent, started_by_torchrun
+
 Launcher = Literal["torchrun", "slurm", "single"]
 
 #: exported so the same address reaches every srun task; set it in the batch script.
@@ -170,6 +172,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     import torch.distributed as dist
 
     env = detect_env()
+    if started_by_torchrun():      # a kill -9 of the torchrun agent must not leave this worker behind
+        exit_with_parent()
     os.environ.update(env.env_vars())
     default_backend, device = backend_and_device(env.local_rank)
     backend = backend or default_backend

@@ -115,15 +115,24 @@ def model_config(cfg: PipelineConfig, where: str):
 
 # ---- distributed set-up ------------------------------------------------------------------
 
-def init_distributed(run_dir: Path) -> tuple[int, int]:
-    """(rank, world size) from torchrun, SLURM or a lone process; a process group exists afterwards
-    (gloo on CPU, nccl on GPU) and the run dir is checked writable and shared by every rank."""
+def init_distributed(run_dir: Path):
+    """(rank, world size, lease) from torchrun, SLURM or a lone process; a process group exists
+    afterwards (gloo on CPU, nccl on GPU), rank 0 holds the run dir's lease (taken before any
+    write; every rank raises evip.lease.RunDirBusy if another job holds it) and the run dir is
+    checked writable and shared by every rank."""
     from evip.distributed import check_run_dir
     from evip.distributed import init_distributed as init
+    from evip.lease import hold_run_dir
 
     env = init()
-    check_run_dir(run_dir, env)
-    return env.rank, env.world_size
+    lease = hold_run_dir(run_dir, env.rank)
+    try:
+        check_run_dir(run_dir, env)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return env.rank, env.world_size, lease
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -204,14 +213,24 @@ LoaderFactory = Callable[..., Callable[[], Any]]
 
 def run_pipeline(lp: LoadedPipeline, run_dir, loader_factory: Optional[LoaderFactory] = None,
                  on_engine=None, metrics_enabled: bool = True) -> list[ckpt.Counters]:
-    """Run every unfinished stage in order (collective); returns each run stage's counters."""
+    """Run every unfinished stage in order (collective); returns each run stage's counters.
+    Rank 0 holds the run dir's lease (evip/lease.py) from before the first write to the end."""
+    run_dir = Path(run_dir)
+    rank, world_size, lease = init_distributed(run_dir)
+    try:
+        return _run_stages(lp, run_dir, rank, world_size, loader_factory, on_engine, metrics_enabled)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_stages(lp: LoadedPipeline, run_dir: Path, rank: int, world_size: int,
+                loader_factory: Optional[LoaderFactory], on_engine, metrics_enabled: bool) -> list[ckpt.Counters]:
     from evip.evals import Evaluator
     from evip.metrics import Metrics
     from evip.signals import StopRequest
     from evip.trainer import StageContext, StageTrainer
 
-    run_dir = Path(run_dir)
-    rank, world_size = init_distributed(run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "pipeline.yaml").write_text(to_yaml(lp.cfg))

@@ -1,8 +1,11 @@
-"""Crash safety of checkpoints, with real processes of `evip run` (one rank, real loader):
+"""Crash safety of checkpoints and of the run dir, with real processes of `evip run` (one rank,
+real loader):
 
 - kill -9 while a checkpoint is being written (the injected fault `faults.checkpoint_sleep_*`
   holds the write open after the engine state is on disk, before publishing): the next start cleans the
   partial directory and resumes from the previous complete checkpoint, with the same losses;
+  meanwhile a second `evip run` on the same run dir refuses (exit 73) and touches nothing, and
+  the rerun after the kill takes the dead job's lease over;
 - an external SIGUSR1 -> checkpoint at the next step boundary -> exit code 75 -> rerun continues.
 """
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,12 +56,30 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
             if r["kind"] == "train"]
 
 
+def _tree(run: Path) -> dict[str, int]:
+    return {p.relative_to(run).as_posix(): p.stat().st_mtime_ns for p in run.rglob("*")}
+
+
+def _second_job_refuses(pipeline, run: Path) -> None:
+    """While the first job holds a checkpoint write open, a second `evip run` on the same run dir
+    exits RUN_DIR_BUSY (73) naming the holder, without creating or changing any file."""
+    before = _tree(run)
+    t0 = time.monotonic()
+    second = _start(pipeline, run)
+    out = second.communicate(timeout=120)[0]
+    assert time.monotonic() - t0 < 100, "the refusal came after the hold: the tree check below proves nothing"
+    assert second.returncode == exit_codes.RUN_DIR_BUSY, out[-3000:]
+    assert "in use by another job: pid" in out and "nothing in the run dir was touched" in out
+    assert _tree(run) == before
+
+
 def test_kill_9_during_checkpoint_write_resumes_from_previous(pipeline, tmp_path):
     run = tmp_path / "run"
     proc = _start(pipeline, run, ["stages_all.faults.checkpoint_sleep_step=4", "stages_all.faults.checkpoint_sleep_s=120"])
     _wait_for(proc, "[fault]")
     ckpts = run / "stages" / "0_s1_1_concept" / "ckpt"
     assert (ckpts / ".tmp-step_00000004" / "ds").is_dir()          # the engine state is half published
+    _second_job_refuses(pipeline, run)
     proc.kill()                                                     # SIGKILL
     proc.wait()
     assert (ckpts / LATEST).read_text().strip() == "step_00000002"
@@ -67,6 +89,7 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous(pipeline, tmp_path
     out = proc.communicate()[0]
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out and "step_00000002" in out
+    assert "lease: taking over" in out and "is gone" in out                               # the killed holder
     assert not list(ckpts.glob(".tmp-*"))
     after = _losses(run)[len(killed):]
     assert [s for s, _ in after] == [3, 4, 5, 6]

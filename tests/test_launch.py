@@ -97,3 +97,47 @@ def test_torchrun_sh_multi_node_needs_an_endpoint(tmp_path):
     out = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "p.yaml", str(tmp_path)],
                          env=_env(NNODES="2"), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "needs RDZV_ENDPOINT" in out.stderr
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_torchrun_agent_leaves_no_worker(tmp_path):
+    """torchrun starts its workers in sessions of their own: without evip.parent_death they
+    outlive a kill -9 of the agent (the issue saw them 38 minutes later). Here both must be gone
+    within 5 s."""
+    from evip.torchrun import child_pids
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "torchrun.sh"), "tiny.yaml", str(run), "wait=120"],
+        env=_env(NPROC="2", EVIP_ENTRY=str(ROOT / "tests" / "launch_worker.py")),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    workers = []
+    try:
+        ready, lines = 0, []
+        while ready < 2:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            ready += line.count("WORKER_READY")
+        workers = [p for p in child_pids(proc.pid)
+                   if "launch_worker.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(workers) == 2, "".join(lines)
+        os.kill(proc.pid, signal.SIGKILL)                  # the agent (torchrun.sh execs it)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while not all(map(_gone, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(map(_gone, workers)), f"workers {workers} outlived the agent"
+    finally:
+        for p in workers:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
