@@ -20,6 +20,7 @@ CASES = {
     "model_step.py": (["--hidden", "128", "--ffn", "256", "--layers", "1", "--tokens", "2048", "--reps", "1",
                        "--vocab", "1024"], ["routed_over_plain", "routed_over_dense"]),
     "data_restore.py": (["--steps", "30"], ["workers0.ratio_step10_over_stepN", "workers2.ratio_step10_over_stepN"]),
+    "resize_fidelity.py": (["--tile", "56"], ["photos.mean_abs_levels", "noise.share_differing"]),
     "data_throughput.py": (["--rounds", "1", "--max-tiles", "1", "--resize", "torch", "--restore-steps", "20"],
                            ["per_worker.0.pipeline_over_decode", "per_worker.0.ms_per_sample.bound_over_decode",
                             "restore.workers2.ratio_step10_over_stepN"]),

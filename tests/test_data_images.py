@@ -160,7 +160,7 @@ def test_jpeg_draft_decodes_smaller_and_stays_close():
 
 
 def test_alpha_composited_on_white_and_modes_become_rgb():
-    proc = ImageProcessor(ImageConfig(max_tiles=1), tile_size=28)
+    proc = ImageProcessor(ImageConfig(max_tiles=1, alpha="white"), tile_size=28)
     white = as_uint8([Image.new("RGB", (28, 28), (255, 255, 255))])
     clear = Image.new("RGBA", (28, 28), (10, 20, 30, 0))
     assert torch.equal(proc(png_bytes(clear)), white)

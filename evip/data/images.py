@@ -9,9 +9,15 @@ Order of work, cheapest first, so a bad image costs almost nothing:
 2. The tile grid is chosen from the header size with InternVL's `dynamic_preprocess` rule
    (`choose_grid`; identical, tie rule included).
 3. JPEGs much larger than the target are decoded at 1/2, 1/4 or 1/8 scale (`Image.draft`, DCT
-   scaling), never below the size the grid and thumbnail need. Other formats decode in full.
-4. Alpha (RGBA, LA, P with transparency) is composited on white; every mode becomes RGB,
-   except opaque greyscale, which is resized as one band and repeated over RGB at the cut
+   scaling), never below the size the grid and thumbnail need (`jpeg_draft`; off with
+   `resize: pil`, whose point is the official pixels). Other formats decode in full.
+4. Every mode becomes RGB as `Image.convert('RGB')` makes it, which is what the official
+   InternVL loader and the serving stacks (vLLM, LMDeploy) do, with two settings:
+   `image.alpha`: "drop" (default, as they do: a transparent pixel shows the colour stored
+   under it, often black) or "white" (composited on white); `image.grey16`: 16-bit greyscale
+   to 8 bits by the fixed factor 255/65535 ("scale", default: the picture as it looks) or
+   "clip" (Pillow's own conversion, what the official loader gets: levels above 255 saturate
+   to white). Opaque 8-bit greyscale is resized as one band and repeated over RGB at the cut
    (pixel-identical to converting first, 3x less resize work).
 5. `max_pixels`: the grid is chosen for the image scaled down (aspect kept) to that many pixels.
 6. Resize the decoded image straight to the grid with an antialiased bicubic, crop tiles
@@ -20,8 +26,11 @@ Order of work, cheapest first, so a bad image costs almost nothing:
    `image.resize` picks the bicubic: "torch" is torch's uint8 kernel on PIL's own buffer,
    vectorised for x86 AVX2/AVX-512 (3-6x faster than Pillow there; 2x slower elsewhere, e.g.
    ARM); it was made to match Pillow and does to within a few levels (of 255) on a small
-   fraction of pixels, the same pixels on every CPU. "pil" is Pillow's `image.resize`, what
-   InternVL calls: bit-identical crops. "auto" (default): "torch" where it is vectorised, else
+   fraction of pixels, the same pixels on every CPU (measured over photos and noise:
+   bench/README figures; the worst cases are thin images and near-1:1 rescales). "pil" is
+   Pillow's `image.resize`, what InternVL calls, on the fully decoded image: bit-identical
+   tiles for every input the official loader accepts (with `alpha: drop`, and `grey16: clip`
+   for 16-bit greyscale). "auto" (default): "torch" where it is vectorised, else
    "pil" (`resolve_resize`; pin one for the same pixels on mixed CPU types).
 7. No normalisation here: the tiles stay uint8 (4x less worker -> trainer shared memory and
    host -> device traffic than fp32); the model normalises them on its device with ImageNet
@@ -46,7 +55,8 @@ from evip.data.record import BadSample
 from evip.model.vision import IMAGENET_MEAN, IMAGENET_STD, normalise_pixels
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageConfig", "ImageProcessor", "capped_size", "choose_grid",
-           "cut_tiles", "decode", "open_header", "pixels_view", "resize_bicubic", "resolve_resize",
+           "cut_tiles", "decode", "open_header", "per_image_max_tiles", "pixels_view", "resize_bicubic",
+           "resolve_resize",
            "target_ratios", "tile_image", "to_rgb", "torch_view"]
 
 
@@ -57,7 +67,9 @@ class ImageConfig:
     use_thumbnail: bool = True         # append a whole-image tile when the grid has > 1 tile
     max_pixels: int = 0                # 0: no cap; else scale images down to at most this many pixels
     bomb_pixels: int = 100_000_000     # header size above this: refused before decoding
-    jpeg_draft: bool = True            # decode big JPEGs at reduced DCT scale
+    jpeg_draft: bool = True            # decode big JPEGs at reduced DCT scale (never with resize: pil)
+    alpha: str = "drop"                # "drop": convert('RGB') as InternVL and vLLM/LMDeploy do; "white"
+    grey16: str = "scale"              # 16-bit grey: "scale" (x 255/65535) or "clip" (Pillow's, official)
     split_tiles_across_images: bool = True  # multi-image: each image gets max_tiles // n_images (InternVL)
     resize: str = "auto"               # bicubic: "torch" (fast on AVX2, within a few levels of
                                        # Pillow), "pil" (InternVL's exact pixels) or "auto" (torch
@@ -76,6 +88,12 @@ class ImageConfig:
                 raise ValueError(f"image.{key}={list(value)}: the workers ship uint8 tiles and the model "
                                  f"normalises them with InternVL's ImageNet {key} {list(ref)} "
                                  "(evip.model.vision.normalise_pixels); remove the key or set those values")
+        if self.alpha not in ("drop", "white"):
+            raise ValueError(f"image.alpha={self.alpha!r}: 'drop' (what the official loader and the serving "
+                             "stacks do: convert('RGB')) or 'white' (composite on white)")
+        if self.grey16 not in ("scale", "clip"):
+            raise ValueError(f"image.grey16={self.grey16!r}: 'scale' (x 255/65535) or 'clip' (Pillow's "
+                             "convert, what the official loader gets)")
         if self.resize not in ("auto", "torch", "pil"):
             raise ValueError(f"image.resize={self.resize!r}: 'auto', 'torch' (fast on AVX2) or 'pil' "
                              "(InternVL's exact pixels)")
@@ -103,6 +121,12 @@ def choose_grid(width: int, height: int, tile: int, min_num: int, max_num: int) 
         elif diff == best_diff and area > 0.5 * tile * tile * ratio[0] * ratio[1]:
             best = ratio
     return best
+
+
+def per_image_max_tiles(max_tiles: int, n_images: int, split: bool = True) -> int:
+    """The tile cap of each of `n_images` images sharing `max_tiles` (InternVL's multi-image rule:
+    max(1, max_tiles // n)); a cap below min_tiles leaves no candidate grid: one tile."""
+    return max(1, max_tiles // n_images) if n_images and split else max_tiles
 
 
 def resolve_resize(resize: str) -> str:
@@ -197,20 +221,22 @@ def torch_view(im: Image.Image) -> torch.Tensor:
         return torch.from_numpy(pixels).permute(2, 0, 1)[None]
 
 
-def to_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels become white (not black, as `.convert('RGB')` does).
-    `keep_grey`: opaque greyscale stays 8-bit "L" (resizing L then repeating it over 3 channels
-    gives exactly the pixels of converting to RGB first, at a third of the resize cost)."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)      # 16/32-bit grey: scale to 8 bits
-        hi = arr.max() or 1.0
-        img = Image.fromarray((arr * (255.0 / hi)).astype(np.uint8), "L")
+def to_rgb(img: Image.Image, keep_grey: bool = False, alpha: str = "drop", grey16: str = "scale") -> Image.Image:
+    """Any PIL mode -> RGB as `img.convert('RGB')` gives it (the official loader's rule), except:
+    `alpha="white"` composites transparent pixels (RGBA, LA, PA, P with transparency) on white;
+    `grey16="scale"` maps 16/32-bit greyscale to 8 bits by the fixed factor 255/65535 (Pillow
+    clips at 255). `keep_grey`: opaque 8-bit greyscale stays "L" (resizing L then repeating it
+    over 3 channels gives exactly the pixels of converting to RGB first, at a third of the cost)."""
+    if alpha == "white":
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if grey16 == "scale" and img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
     if img.mode == "RGB" or (keep_grey and img.mode == "L"):
         return img
     return img.convert("RGB")
@@ -247,16 +273,16 @@ def decode(data: bytes | Image.Image, cfg: ImageConfig, need: tuple[int, int] | 
     """Bytes (or a header from `open_header`) -> RGB image (or "L" with `keep_grey`, see
     `to_rgb`), bomb-guarded. With `need` = (w, h)
     the smallest size still needed, a JPEG may be decoded at a reduced DCT scale (only when it
-    is at least twice as large in both sides)."""
+    is at least twice as large in both sides; never with `resize: pil`)."""
     img = data if isinstance(data, Image.Image) else open_header(data, cfg.bomb_pixels)
-    if need is not None and cfg.jpeg_draft and img.format == "JPEG":
+    if need is not None and cfg.jpeg_draft and cfg.resize != "pil" and img.format == "JPEG":
         if img.width >= 2 * need[0] and img.height >= 2 * need[1]:
             img.draft("RGB", need)   # picks the largest 1/2^k scale that stays >= need
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
-        return to_rgb(img, keep_grey)
+        return to_rgb(img, keep_grey, cfg.alpha, cfg.grey16)
     except Image.DecompressionBombError as e:
         raise BadSample("bomb", str(e)) from None
     except Exception as e:  # OSError('image file is truncated'), SyntaxError, ValueError...
@@ -276,10 +302,11 @@ class ImageProcessor:
         return open_header(data, self.cfg.bomb_pixels).size
 
     def grid(self, width: int, height: int, max_tiles: int | None = None) -> tuple[int, int]:
-        """(columns, rows) for an image of this original size (after the max-pixels cap)."""
+        """(columns, rows) for an image of this original size (after the max-pixels cap).
+        `max_tiles` below `min_tiles` (several images sharing the budget) leaves no candidate grid:
+        one tile, as InternVL's rule gives."""
         w, h = capped_size(width, height, self.cfg.max_pixels)
-        max_num = max(self.cfg.min_tiles, max_tiles or self.cfg.max_tiles)
-        return choose_grid(w, h, self.tile, self.cfg.min_tiles, max_num)
+        return choose_grid(w, h, self.tile, self.cfg.min_tiles, max_tiles or self.cfg.max_tiles)
 
     def n_tiles(self, grid: tuple[int, int]) -> int:
         n = grid[0] * grid[1]

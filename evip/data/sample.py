@@ -9,8 +9,9 @@ Order: required fields -> duplicate key -> caption length (chars) -> each image'
 the model normalises them on its device). So a
 sample that will be dropped is dropped before its pixels are decoded.
 
-Multi-image samples split the tile budget as InternVL does: each image gets
-max(min_tiles, max_tiles // n_images) tiles (`image.split_tiles_across_images`).
+Multi-image samples split the tile budget as InternVL does: each image's grid is chosen among
+those of min_tiles .. max(1, max_tiles // n_images) tiles, and when min_tiles is above that cap
+there is none and the image gets one tile (`image.split_tiles_across_images`).
 The filter state (bounded dedup tables) is `builder.state_dict()`; the stream checkpoints it.
 The duplicate checks are replay-safe (re-building the same record is not a duplicate), so
 re-reading the packer's pending samples after a restore needs no special care.
@@ -30,7 +31,7 @@ import torch
 
 from evip.batch import KIND_ID
 from evip.data.filters import FilterConfig, Filters
-from evip.data.images import ImageConfig, ImageProcessor, open_header
+from evip.data.images import ImageConfig, ImageProcessor, open_header, per_image_max_tiles
 from evip.data.record import BadSample, Record, Sample
 from evip.data.text import (TEMPLATES, TokenIds, assemble, caption_segments, chat_segments,
                             check_template, text_segments)
@@ -101,7 +102,7 @@ class SampleBuilder:
     def _plan_images(self, rec: Record) -> list[tuple[int, int]]:
         n = len(rec.images)
         c = self.cfg.image
-        per_image = max(c.min_tiles, c.max_tiles // n) if n and c.split_tiles_across_images else c.max_tiles
+        per_image = per_image_max_tiles(c.max_tiles, n, c.split_tiles_across_images)
         grids = []
         for i, data in enumerate(rec.images):
             w, h = open_header(data, c.bomb_pixels).size
