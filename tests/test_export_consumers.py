@@ -73,8 +73,11 @@ def vllm_view(config: dict) -> dict:
     llm = config["llm_config"]
     assert llm["hidden_act"] == "silu"
     dynamic = config["dynamic_image_size"]
+    # its processor asserts these types
+    assert isinstance(dynamic, bool) and isinstance(config["use_thumbnail"], bool)
+    assert isinstance(config["min_dynamic_patch"], int) and isinstance(config["max_dynamic_patch"], int)
     return dict(mono=llm["architectures"][0] == "InternLM2VEForCausalLM",
-                tiles=(config["min_dynamic_patch"], config["max_dynamic_patch"] if dynamic else 1),
+                tiles=(config["min_dynamic_patch"] if dynamic else 1, config["max_dynamic_patch"] if dynamic else 1),
                 thumbnail=config["use_thumbnail"], image_size=config["vision_config"]["image_size"],
                 head_dim=llm["hidden_size"] // llm["num_attention_heads"], rope_scaling=llm.get("rope_scaling"))
 
