@@ -2,7 +2,7 @@
 
 Each load runs in a fresh process that reports its peak RSS (VmHWM) above its RSS before the
 load. Measured rule: peak ~= model bytes + at most ~1.5 x the largest tensor (released layout:
-1.08 x on a 361 MB bf16 checkpoint; upcycling an HF Llama: 1.21 x on 439 MB, its 62 MB embedding
+1.08 x on a 361 MB bf16 checkpoint; upcycling an HF Llama: 1.16 x on 439 MiB (1.158, 1.160 in two runs on 2026-12-02), its 62 MB embedding
 read, then grown by the new token rows).
 """
 from __future__ import annotations
