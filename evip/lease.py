@@ -69,6 +69,11 @@ def pid_alive(pid: int, start: int | None) -> bool:
         return False
     except PermissionError:
         pass                       # exists, another user's
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False           # a zombie: dead, not yet reaped
+    except OSError:
+        pass
     now = pid_start_time(pid)
     return start is None or now is None or now == start
 
