@@ -101,6 +101,13 @@ class MonoInternVL(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with image embeddings written at the <IMG_CONTEXT> positions.
         Returns (embeddings [B, T, H], image mask [B, T])."""
+        h, image_mask, _ = self.embed_routed(input_ids, pixel_values)
+        return h, image_mask
+
+    def embed_routed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+        """`embed` and the text/image routing of the tokens, sharing one host sync (the count of
+        image tokens, checked against the tiles)."""
         image_mask = input_ids == self.cfg.img_context_token_id
         h = self.tok_embeddings(input_ids)
         num_image_tokens = int(image_mask.sum().item())
@@ -112,20 +119,22 @@ class MonoInternVL(nn.Module):
             raise ValueError(
                 f"input_ids hold {num_image_tokens} <IMG_CONTEXT> tokens (id {self.cfg.img_context_token_id}) "
                 f"but pixel_values has {num_tiles} tiles x {self.cfg.tokens_per_tile} tokens per tile = {expected}")
+        routing = Routing.from_mask(image_mask, num_image_tokens)
         if pixel_values is not None:   # even with 0 tiles: the patch embedding then gets zero grads, not none
             images = self.embed_images(pixel_values).to(h.dtype)
             b, t, hidden = h.shape
-            idx = image_mask.reshape(-1).nonzero().squeeze(1)
-            h = h.reshape(b * t, hidden).index_copy(0, idx, images.reshape(-1, hidden)).view(b, t, hidden)
-        return h, image_mask
+            h = h.reshape(b * t, hidden).index_copy(0, routing.image_idx, images.reshape(-1, hidden)).view(b, t, hidden)
+        return h, image_mask, routing
 
     # ---- decoder --------------------------------------------------------------------------
     def decode(self, h: torch.Tensor, image_mask: torch.Tensor, position_ids: torch.Tensor,
-               ctx: AttentionContext, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Run the layers and the final norm on embeddings h [B, T, H]."""
+               ctx: AttentionContext, cache: Optional[KVCache] = None, routing: Optional[Routing] = None
+               ) -> torch.Tensor:
+        """Run the layers and the final norm on embeddings h [B, T, H] (`routing` from `embed_routed`,
+        else from image_mask)."""
         seq_len = h.shape[1] + (cache.length if cache is not None else 0)   # attended length (rope.py)
         rope = rope_for(position_ids, self.cfg.head_dim, rope_base(self.cfg, seq_len), h.dtype)
-        routing = Routing.from_mask(image_mask)
+        routing = routing if routing is not None else Routing.from_mask(image_mask)
         use_ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_ckpt:
@@ -164,7 +173,7 @@ class MonoInternVL(nn.Module):
             if tensor is not None and tensor.shape != input_ids.shape:
                 raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, "
                                  f"got {list(tensor.shape)}")
-        h, image_mask = self.embed(input_ids, pixel_values)
+        h, image_mask, routing = self.embed_routed(input_ids, pixel_values)
         if kv_cache is None:
             ctx = packed_context(seq_ids, choose_impl(self.cfg.attn_impl, h.dtype, h.device))
         else:
@@ -172,7 +181,7 @@ class MonoInternVL(nn.Module):
                 raise ValueError(f"decoding with a KV cache of {kv_cache.batch} rows takes B={kv_cache.batch}, "
                                  f"got B={b}")
             ctx = cached_context(t, past, h.device)
-        h = self.decode(h, image_mask, position_ids, ctx, kv_cache)
+        h = self.decode(h, image_mask, position_ids, ctx, kv_cache, routing)
         if kv_cache is not None:
             kv_cache.advance(t)
         if labels is None:

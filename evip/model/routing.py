@@ -11,7 +11,7 @@ gradient).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -25,9 +25,15 @@ class Routing:
     image_idx: torch.Tensor
 
     @classmethod
-    def from_mask(cls, image_mask: torch.Tensor) -> "Routing":
+    def from_mask(cls, image_mask: torch.Tensor, num_image: Optional[int] = None) -> "Routing":
+        """Both index sets from one stable sort (text tokens first, each set in token order): one
+        host sync for the split point, none when the caller already knows `num_image`."""
         flat = image_mask.reshape(-1)
-        return cls(text_idx=(~flat).nonzero().squeeze(1), image_idx=flat.nonzero().squeeze(1))
+        if num_image is None:
+            num_image = int(flat.sum())
+        order = torch.argsort(flat.to(torch.int8), stable=True)
+        n_text = flat.numel() - num_image
+        return cls(text_idx=order[:n_text], image_idx=order[n_text:])
 
     @property
     def num_tokens(self) -> int:
