@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "stage_cost.py": (["--rounds", "3", "--hidden", "128", "--layers", "1", "--seq-len", "128", "--vocab", "1024"],
                       ["s1_1_over_s2_step_time", "s1_1_over_s2_peak_memory", "zero0_over_bare_pytorch"]),
+    "attention_memory.py": (["--lengths", "256", "--samples", "2", "--flex", "eager", "--head-lengths", "128",
+                             "--vocab", "1000", "--hidden", "64"],
+                            ["attention.256.flex_over_mask_time", "head_loss.128.chunked_over_logits_time"]),
     "model_step.py": (["--hidden", "128", "--ffn", "256", "--layers", "1", "--tokens", "2048", "--reps", "1",
                        "--vocab", "1024"], ["routed_over_plain", "routed_over_dense"]),
     "data_restore.py": (["--steps", "30"], ["workers0.ratio_step10_over_stepN", "workers2.ratio_step10_over_stepN"]),
