@@ -266,16 +266,21 @@ def hold_run_dir(run_dir, rank: int) -> Lease | None:
     process group exists). Returns the lease on rank 0, None elsewhere."""
     import torch.distributed as dist
 
+    from evip.distributed import RunDirError
+
     lease, refusal = None, None
     if rank == 0:
         try:
             lease = Lease.acquire(run_dir)
         except RunDirBusy as e:
-            refusal = str(e)
+            refusal = ("busy", str(e))
+        except OSError as e:               # every rank must hear of it, or the others wait forever
+            refusal = ("io", f"run dir {run_dir}: cannot create its lease ({e.strerror or e}): pass --run-dir "
+                             f"on a filesystem this job can write (permissions, quota, mounted on every node)")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [refusal]
         dist.broadcast_object_list(box, src=0)
         refusal = box[0]
     if refusal:
-        raise RunDirBusy(refusal)
+        raise (RunDirBusy if refusal[0] == "busy" else RunDirError)(refusal[1])
     return lease

@@ -121,3 +121,10 @@ def test_racing_takers_of_a_dead_holders_lease_exactly_one_wins(tmp_path):
              for _ in range(8)]
     outs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sorted(outs) == ["REFUSED"] * 7 + ["WON"], outs
+
+
+def test_a_run_dir_where_no_lease_can_be_made_is_a_run_dir_error_not_a_hang(tmp_path):
+    from evip.distributed import RunDirError
+    from evip.lease import hold_run_dir
+    with pytest.raises(RunDirError, match="cannot create its lease"):
+        hold_run_dir("/proc/evip-no-such-dir/run", rank=0)
