@@ -40,7 +40,7 @@ from evip.data.record import BadSample
 from evip.data.recipe import RecipeConfig, filter_config, load_recipe, resolve_template
 from evip.data.sample import SampleBuilder, SampleConfig
 from evip.data.sources import build_source
-from evip.data.stream import SlotStream, elastic_state, fresh_source_state, lanes_of
+from evip.data.stream import SlotStream, elastic_states, fresh_source_state, lanes_of
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +241,9 @@ class EvipLoader(StatefulDataLoader):
                              f"got {len(state)}")
         counts = [(old.get(k) or fresh[k])["counts"] for k in range(n_old)]
         ds.elastic_states = {}
-        for slot in ds.slots():
-            st = {"stream": elastic_state(streams, slot, ds.num_slots, lanes),
-                  "counts": merge_counts(counts) if slot == 0 else Accounting([], 0, 0).state_dict()}
-            ds.elastic_states[slot] = st
+        for slot, stream in elastic_states(streams, ds.slots(), ds.num_slots, lanes).items():
+            ds.elastic_states[slot] = {"stream": stream, "counts": merge_counts(counts) if slot == 0
+                                       else Accounting([], 0, 0).state_dict()}
         self._slot_states = dict(ds.elastic_states)
         self._slot_stats = {k: _stats_of(v["counts"]) for k, v in self._slot_states.items()}
         log.info("data loader: elastic resume from %d ranks x %d workers to %d x %d (shards read at once per "
