@@ -46,8 +46,9 @@ ALTERNATIVES = {"StageConfig": (("steps", "tokens"),)}
 
 def resolve_path(value: str, base: Path | None, key: str = "", where: str = "") -> str:
     """One value under the path rule: a named asset -> its path; an absolute path, a reserved word
-    or an interpolation -> unchanged; a relative path -> `base / value` (base None: the working
-    directory, unchanged), or the working-directory path with a warning when only that exists."""
+    or an interpolation -> unchanged; a relative path -> `base / value` (base None, the command
+    line: from the working directory, made absolute when it exists, so a saved config still
+    points at it), or the working-directory path (absolute) with a warning when only that exists."""
     import os
     import warnings
 
@@ -60,14 +61,16 @@ def resolve_path(value: str, base: Path | None, key: str = "", where: str = "") 
         raise ConfigError(f"'{key}' in {where}: {e}") from None
     if asset is not None:
         return str(asset)
-    if base is None or os.path.isabs(os.path.expanduser(value)) or value.startswith("~"):
+    if os.path.isabs(os.path.expanduser(value)) or value.startswith("~"):
         return value
+    if base is None:                  # the command line: the working directory, made absolute so
+        return str(Path(value).absolute()) if Path(value).exists() else value   # saved configs hold
     beside = base / value
     if not beside.exists() and Path(value).exists():
         warnings.warn(f"'{key}' {value!r} in {where} is read from the working directory "
                       f"({Path(value).resolve()}); a path in a config file is relative to that file "
                       f"({base}): write it so", stacklevel=4)
-        return value
+        return str(Path(value).absolute())
     return str(beside)
 
 

@@ -2,7 +2,6 @@
 asset `smollm2`, and `steps=` replacing a stage file's `tokens` (the one set last wins)."""
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -41,14 +40,14 @@ def test_paths_are_relative_to_the_file_that_names_them(tmp_path, monkeypatch):
     # on the command line: the working directory
     (elsewhere / "mine.yaml").write_text("x")
     stage = load_pipeline(pipe, ["s.data.recipe=mine.yaml"]).stages[0][0]
-    assert stage.data.recipe == "mine.yaml" and os.path.isfile(stage.data.recipe)
+    assert stage.data.recipe == str(elsewhere / "mine.yaml")
     # a path that only exists from the working directory (configs older than the rule): read from there, warned
     (tmp_path / "cfg" / "pipeline.yaml").write_text(
         "stages:\n  - {name: s, file: ../stages/s.yaml, overrides: [data.recipe=elsewhere/mine.yaml]}\n")
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="'data.recipe' 'elsewhere/mine.yaml' in .*pipeline.yaml is read from the working directory"):
         stage = load_pipeline(pipe).stages[0][0]
-    assert stage.data.recipe == "elsewhere/mine.yaml"
+    assert stage.data.recipe == str(tmp_path / "elsewhere" / "mine.yaml")
     # a missing one is looked for beside its file, and the error says where
     (tmp_path / "cfg" / "pipeline.yaml").write_text(
         "stages:\n  - {name: s, file: ../stages/s.yaml, overrides: [data.recipe=nope.yaml]}\n")
