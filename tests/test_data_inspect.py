@@ -146,9 +146,12 @@ def stage_files(recipe: Path, where: Path) -> tuple[Path, Path]:
     return stage, pipeline
 
 
-def test_inspect_cli_pipeline_stage_uses_its_tiles_and_filters(recipe, tmp_path, capsys):
+def test_inspect_cli_pipeline_stage_uses_its_tiles_and_filters(recipe, tmp_path, tmp_path_factory, capsys):
+    from trainer_helpers import prepared_tokenizer      # the session's saved SmolLM2 tokenizer (fast)
+    tok = prepared_tokenizer(tmp_path_factory.getbasetemp())
     _, pipeline = stage_files(recipe, tmp_path)
-    rc = evip_main(["data", "inspect", str(pipeline), "--stage", "first", "--batches", "3", "--sheet", ""])
+    rc = evip_main(["data", "inspect", str(pipeline), "--stage", "first", "--batches", "3", "--sheet", "",
+                    "--tokenizer", str(tok)])
     out = capsys.readouterr().out
     assert rc == 0
     assert f"inspect stage s1 of {pipeline}: tiles of 28 px, 1-2 per image, token budget 300" in out
