@@ -300,10 +300,14 @@ def _quarantine(path: Path) -> Path:
 
 
 def clean_partial(ckpt_root: Path, rank: int) -> None:
-    """Remove `.tmp-*` directories left by a process killed mid-write (rank 0 only)."""
+    """Remove what a process killed mid-write left (rank 0 only): `.tmp-*` checkpoint directories
+    and the stage's half-written weights or DONE (`.model.safetensors.tmp`, `.DONE.tmp`)."""
     if rank == 0 and ckpt_root.is_dir():
         for p in ckpt_root.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
+    if rank == 0:
+        for name in (WEIGHTS, DONE):
+            ckpt_root.parent.joinpath(f".{name}.tmp").unlink(missing_ok=True)
     _barrier()
 
 
