@@ -1,7 +1,7 @@
 # Sourced by demo/run.sh and demo/ablate.sh: the demo data under RUN_DIR (written once) and the
 # real SmolLM2 GGUF. Expects RUN_DIR; sets PY, EVIP_DEMO_DATA, GGUF and start (for the wall time).
 PY=${PYTHON:-.venv/bin/python}
-export EVIP_DEMO_DATA="$RUN_DIR/data"          # where demo/recipes/*.yaml look for the shards
+export EVIP_DEMO_DATA="$(realpath -m "$RUN_DIR/data")"   # where demo/recipes/*.yaml look for the shards (absolute)
 start=$(date +%s)
 
 if [ ! -f "$EVIP_DEMO_DATA/manifest.json" ]; then

@@ -74,8 +74,10 @@ CONCEPT_NOISE = AltTextNoise(keep=1.0, colour=1.0, typo=0.05, shuffle=0.0, upper
 
 
 def noisy_alt_text(scene: Scene, rng: random.Random, noise: AltTextNoise = WEB_NOISE) -> str:
-    """S1.1: web alt-text: some of the objects, words shuffled, typos, junk tags, no grammar."""
+    """S1.1: web alt-text: some of the objects, words shuffled, typos, junk tags, no grammar.
+    Unshuffled, the objects are named in reading order (left to right, top to bottom)."""
     kept = [o for o in scene.objects if rng.random() < noise.keep] or [rng.choice(scene.objects)]
+    kept.sort(key=lambda o: (o.center[0], o.center[1]))
     items = [[o.colour, o.shape] if rng.random() < noise.colour else [o.shape] for o in kept]
     if scene.word is not None and rng.random() < 0.6:
         items.append([f'"{scene.word.text}"' if rng.random() < 0.5 else scene.word.text])
