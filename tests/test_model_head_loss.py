@@ -2,6 +2,8 @@
 gradients as the logits path, and no tensor of more than one chunk of logits, forward or backward."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,17 +51,21 @@ def test_frozen_head_and_no_grad():
 
 
 class _LargestVocabTensor(TorchDispatchMode):
-    """The most rows of any tensor whose last dimension is the vocabulary (but the head's [H, V]
-    transpose)."""
+    """The most rows of vocabulary-wide tensors ([*, V], but the head's [H, V] transpose) alive
+    at once: `rows`, counted as each op returns (a tensor is alive while its Python object is)."""
     def __init__(self):
         super().__init__()
         self.rows = 0
+        self.alive: list[weakref.ref] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == V and t.shape[0] != H:
-                self.rows = max(self.rows, t.numel() // V)
+                self.alive.append(weakref.ref(t))
+        live = {id(x): x for x in (r() for r in self.alive) if x is not None}
+        by_storage = {x.untyped_storage().data_ptr(): x.numel() // V for x in live.values()}
+        self.rows = max(self.rows, sum(by_storage.values()))
         return out
 
 
@@ -74,7 +80,7 @@ def test_logits_memory_is_one_chunk_forward_and_backward(monkeypatch):
     assert seen.rows == 6
     with _LargestVocabTensor() as seen:                               # the logits path: all N rows
         lm_loss(F.linear(h, w), targets, kinds).loss.backward()
-    assert seen.rows == N
+    assert seen.rows >= N                                           # N rows, several copies
 
 
 def test_model_forward_in_chunks_equals_the_logits_path(tiny_cfg, monkeypatch):

@@ -100,7 +100,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
                     grad_h[s:s + rows] = g @ weight
                 if want_w:
                     grad_w.add_((g.t() @ hc).float())                    # chunks summed in fp32
-            del logits
+            logits = g = None         # free this chunk before the next one is computed
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(per_token)
         ctx.weight_dtype = weight.dtype
