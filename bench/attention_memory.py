@@ -188,7 +188,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu",
               "mode": "forward+backward, bf16" if cuda else "forward only (no flex backward on CPU), fp32",
               "attention": {}, "head_loss": {}}
-    for t in (int(x) for x in args.lengths.split(",")):
+    for t in (int(x) for x in args.lengths.split(",") if x):          # --lengths "": head + loss only
         row = {v: measure(args, "attn", v, t) for v in variants}
         for v in variants[1:]:
             row[f"{v}_over_mask_memory"] = ratio(row[v], row["mask"], "peak_mb")
@@ -196,7 +196,7 @@ def main() -> None:
         result["attention"][str(t)] = row
         print(f"attention T={t}: " + "  ".join(f"{v} {row[v]['peak_mb']:.0f} MB {row[v]['time_s']:.3f} s"
                                                if row[v] else f"{v} skipped" for v in variants), flush=True)
-    for n in (int(x) for x in args.head_lengths.split(",")):
+    for n in (int(x) for x in args.head_lengths.split(",") if x):
         row = {v: measure(args, "head", v, n) for v in ("logits", "chunked")}
         row["chunked_over_logits_memory"] = ratio(row["chunked"], row["logits"], "peak_mb")
         row["chunked_over_logits_time"] = ratio(row["chunked"], row["logits"], "time_s")
