@@ -152,7 +152,11 @@ def measure(args, kind: str, variant: str, size: int):
     if estimate_gb(args, kind, variant, size) > args.max_gb:
         return None
     cmd = [sys.executable, __file__, "--child", f"{kind}:{variant}:{size}", *args.passthrough]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{kind} {variant} {size}: over --timeout {args.timeout:.0f} s, skipped", file=sys.stderr)
+        return None
     if res.returncode != 0:
         print(f"{kind} {variant} {size}: failed ({res.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
         return None
