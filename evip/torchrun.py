@@ -9,6 +9,9 @@
    the workers also get the signal directly (the step's processes are all signalled); a second
    copy is harmless because the trainer's handler only records it. SIGINT/SIGHUP/SIGQUIT keep
    torchrun's behaviour (tear down the workers).
+
+If this agent is killed outright (kill -9), its workers, which torchrun starts in sessions of their
+own, do not outlive it: each arms a parent-death signal and a watchdog (evip/parent_death.py).
 """
 from __future__ import annotations
 
