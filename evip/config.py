@@ -94,7 +94,8 @@ def path_rule_dotlist(overrides: Sequence[str], keys: Sequence[str], base: Path 
         key, eq, value = o.partition("=")
         # a stage's keys may come prefixed (stages_all.data.recipe, s1.data.recipe) or not
         hit = next((k for k in keys if key == k or key.endswith("." + k)), None)
-        if eq and hit and not value.startswith("["):
+        # `key=""` / `key=''` is the empty string (OmegaConf's dotlist reads it so), not a path
+        if eq and hit and not value.startswith("[") and value not in ('""', "''"):
             o = f"{key}={resolve_path(value, base, key, where)}"
         out.append(o)
     return out

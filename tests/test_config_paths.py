@@ -77,3 +77,15 @@ def test_plan_states_the_length_rule(tmp_path, capsys):
                  "s1_1_concept.steps=9"]) == 0
     out = capsys.readouterr().out
     assert "the one set last wins" in out and "length: steps=9: ends after 9 optimizer steps" in out
+
+
+@pytest.mark.parametrize("empty", ['""', "''"])
+def test_an_empty_path_value_in_a_file_is_empty_not_a_file_name(tmp_path, empty):
+    """`eval.text_corpus=""` in a pipeline's overrides turns the text eval off (stages/pipeline_tiny.yaml
+    does this); the path rule must not read the quotes as a file name beside the pipeline."""
+    pipe = write_tree(tmp_path)
+    pipe.write_text(pipe.read_text().replace("overrides: [", f"overrides: [eval.text_corpus={empty}, "))
+    assert load_pipeline(pipe).stages[0][0].eval.text_corpus == ""
+    tiny = load_pipeline(ROOT / "stages" / "pipeline_tiny.yaml",
+                         ["base.source=random", "stages_all.data.recipe=data_recipes/local_tiny.yaml"])
+    assert {s.eval.text_corpus for s, _ in tiny.stages} == {""}
