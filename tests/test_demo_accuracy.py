@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from collections import Counter
+
 import pytest
 import torch
 import tokenizers
@@ -90,6 +92,14 @@ def test_model_scorer_equals_plain_log_likelihood(questions):
         assert score == pytest.approx(expected, abs=1e-4)
     res = evaluate(questions[:10], scorer)
     assert res.n == 10 and 0 <= res.correct <= 10
+    # batched (questions grouped by prompt length, up to `group` rows): the same scores
+    images = [open(q["image_path"], "rb").read() for q in questions]
+    one_by_one = [scorer(q, im) for q, im in zip(questions, images)]
+    batched = scorer.score_many(questions, images, group=3)
+    lengths = Counter(len(scorer._prepare(q, im)[0]) for q, im in zip(questions, images))
+    assert len(lengths) > 1 and max(lengths.values()) > 3      # several groups, some split in chunks
+    for a, b in zip(one_by_one, batched):
+        assert b == pytest.approx(a, abs=1e-4)
 
 
 def test_run_accuracy_from_a_run_dir(questions, tmp_path):

@@ -71,8 +71,11 @@ def evaluate(questions: Sequence[dict], scorer: Scorer) -> AccuracyResult:
     if not questions:
         raise ValueError("no held-out questions to evaluate")
     hits: dict[str, list[bool]] = defaultdict(list)
-    for q in questions:
-        scores = list(scorer(q, Path(q["image_path"]).read_bytes()))
+    images = [Path(q["image_path"]).read_bytes() for q in questions]
+    many = getattr(scorer, "score_many", None)       # a batched scorer: same scores, fewer forwards
+    all_scores = many(questions, images) if many else [scorer(q, im) for q, im in zip(questions, images)]
+    for q, scores in zip(questions, all_scores):
+        scores = list(scores)
         if len(scores) != len(q["options"]):
             raise ValueError(f"scorer returned {len(scores)} scores for {len(q['options'])} options "
                              f"of question {q.get('id')}")
@@ -112,10 +115,26 @@ class ModelOptionScorer:
                 for i, option in enumerate(question["options"])]
 
     @torch.no_grad()
-    def __call__(self, question: dict, image: bytes) -> list[float]:
-        """The prompt (everything before the first trained token, shared by all options) runs once
-        into a KV cache; the options then run side by side as one batch continuing that cache,
-        right-padded to the longest (causal attention: padding after an option cannot change it)."""
+    def score_many(self, questions: Sequence[dict], images: Sequence[bytes], group: int = 16) -> list[list[float]]:
+        """`self(q, image)` for every question, batched: questions whose prompts have the same length
+        run their prompts as one batch (up to `group` rows) into one KV cache, then every option of
+        every question of the batch continues its own prompt's row in one more forward. The same
+        arithmetic as one question at a time up to float rounding of the batched matmuls (the
+        test compares both); ~10x fewer reads of the weights."""
+        prepared = [self._prepare(q, im) for q, im in zip(questions, images)]
+        by_len: dict[int, list[int]] = defaultdict(list)
+        for i, (prompt, *_rest) in enumerate(prepared):
+            by_len[len(prompt)].append(i)
+        scores: list[list[float]] = [[] for _ in questions]
+        for idx in by_len.values():
+            for start in range(0, len(idx), group):
+                chunk = idx[start:start + group]
+                for i, sc in zip(chunk, self._score_batch([prepared[i] for i in chunk])):
+                    scores[i] = sc
+        return scores
+
+    def _prepare(self, question: dict, image: bytes):
+        """(prompt ids, pixels, option continuations [n, width], trained mask [n, width], total length)."""
         samples = self.samples(question, image)
         starts = [int((s.labels != IGNORE_INDEX).nonzero()[0]) for s in samples]
         p = min(starts)
@@ -130,20 +149,35 @@ class ModelOptionScorer:
         for i, (s, end) in enumerate(zip(samples, ends)):
             rest[i, :end - p] = s.input_ids[p:end]
             trained[i, :end - p] = s.labels[p:end] != IGNORE_INDEX
+        return prompt, samples[0].pixel_values, rest, trained, max(ends)
+
+    def _score_batch(self, prepared: list) -> list[list[float]]:
+        """Prompts of one length, side by side; then all their options (right-padded to the widest)."""
+        prompts = torch.stack([p[0] for p in prepared])
+        pixels = torch.cat([p[1] for p in prepared])
+        width = max(p[2].shape[1] for p in prepared)
+        rest = torch.cat([torch.nn.functional.pad(p[2], (0, width - p[2].shape[1])) for p in prepared])
+        trained = torch.cat([torch.nn.functional.pad(p[3], (0, width - p[3].shape[1])) for p in prepared])
+        owner = torch.cat([torch.full((p[2].shape[0],), i, dtype=torch.long) for i, p in enumerate(prepared)])
         was_training = self.model.training
         self.model.eval()
         try:
-            cache = self.model.new_kv_cache(max(ends))
-            # pixels as the builder made them (uint8 or normalised float: the model takes both)
-            last = self.model(prompt[None], pixel_values=samples[0].pixel_values,
-                              kv_cache=cache).logits[0, -1:].float()
-            logits = self.model(rest, kv_cache=cache.repeat(len(samples))).logits[:, :-1].float()
-            logits = torch.cat([last.expand(len(samples), 1, -1), logits], dim=1)
+            cache = self.model.new_kv_cache(prompts.shape[1] + width, batch=len(prepared))
+            last = self.model(prompts, pixel_values=pixels, kv_cache=cache).logits[:, -1:].float()
+            logits = self.model(rest, kv_cache=cache.rows(owner)).logits[:, :-1].float()
+            logits = torch.cat([last.index_select(0, owner), logits], dim=1)
             logp = torch.log_softmax(logits, dim=-1).gather(-1, rest[..., None]).squeeze(-1)
-            scores = (logp * trained).sum(dim=1)
+            flat = (logp * trained).sum(dim=1)
         finally:
             self.model.train(was_training)
-        return [float(x) for x in scores]
+        return [[float(x) for x in flat[owner == i]] for i in range(len(prepared))]
+
+    @torch.no_grad()
+    def __call__(self, question: dict, image: bytes) -> list[float]:
+        """The prompt (everything before the first trained token, shared by all options) runs once
+        into a KV cache; the options then run side by side as one batch continuing that cache,
+        right-padded to the longest (causal attention: padding after an option cannot change it)."""
+        return self._score_batch([self._prepare(question, image)])[0]
 
 
 def heldout_accuracy(model, builder, questions_path: str | Path, limit: int | None = None) -> AccuracyResult:

@@ -46,3 +46,13 @@ class KVCache:
             dst.copy_(src.expand_as(dst))
         out.length = self.length
         return out
+
+    def rows(self, index: torch.Tensor) -> "KVCache":
+        """A cache whose row j is a copy of this cache's row `index[j]`: continuations of several
+        cached prompts, each repeated for its own candidates, decoded side by side."""
+        _, max_len, kv_heads, head_dim = self.k[0].shape
+        out = KVCache(len(self.k), len(index), kv_heads, head_dim, max_len, self.k[0].dtype, self.k[0].device)
+        out.k = [k.index_select(0, index) for k in self.k]
+        out.v = [v.index_select(0, index) for v in self.v]
+        out.length = self.length
+        return out
