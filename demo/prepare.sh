@@ -1,6 +1,7 @@
 # Sourced by demo/run.sh and demo/ablate.sh: the demo data under RUN_DIR (written once) and the
 # real SmolLM2 GGUF. Expects RUN_DIR; sets PY, EVIP_DEMO_DATA, GGUF and start (for the wall time).
 PY=${PYTHON:-.venv/bin/python}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}   # DeepSpeed's op, built by make setup
 export EVIP_DEMO_DATA="$(realpath -m "$RUN_DIR/data")"   # where demo/recipes/*.yaml look for the shards (absolute)
 start=$(date +%s)
 
