@@ -1,7 +1,7 @@
 """The DeepSpeed engine of one stage: config dict, optimizer param groups, LR schedule.
 
-The optimizer is a torch AdamW passed in, torch's fused kernel (DeepSpeed's FusedAdam needs a JIT
-build and is not bit-exact after a resume). Two param groups over the *trainable* parameters only:
+The optimizer is a torch AdamW passed in (DeepSpeed's FusedAdam needs a JIT build and is not
+bit-exact after a resume). Two param groups over the *trainable* parameters only:
   - decay:    matrices and convolution kernels (ndim >= 2) except embeddings;
   - no_decay: biases, norm weights (ndim < 2) and embeddings (token embeddings, the class and
               position embeddings of the patch embedding): decaying them only shrinks rare rows.
@@ -114,7 +114,7 @@ def build_engine(model: nn.Module, stage: StageConfig, total_steps: int, load_un
     import deepspeed
 
     groups = param_groups(model, stage.optim.weight_decay)
-    kwargs = dict(lr=stage.optim.lr, betas=tuple(stage.optim.betas), eps=stage.optim.eps, fused=fusable(groups))
+    kwargs = dict(lr=stage.optim.lr, betas=tuple(stage.optim.betas), eps=stage.optim.eps)
     opt = GuardedAdamW(groups, stage.clip_grad, **kwargs) if guarded(stage) else torch.optim.AdamW(groups, **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage.schedule, total_steps))
     config = deepspeed_config(stage)
@@ -129,13 +129,6 @@ def build_engine(model: nn.Module, stage: StageConfig, total_steps: int, load_un
         # process group
         engine.enable_backward_allreduce = False
     return engine
-
-
-def fusable(groups: list[dict]) -> bool:
-    """torch's fused AdamW (one kernel over all tensors) where every trainable tensor is a float on
-    the CPU or a CUDA device: measured on 2 CPU cores, 80M fp32 parameters step in 0.10 s fused
-    against 0.47 s with the default multi-tensor loop. Deterministic, so a resume stays exact."""
-    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
 
 
 def guarded(stage: StageConfig) -> bool:
