@@ -12,7 +12,7 @@ from PIL import Image
 
 from evip.demo import tasks
 from evip.demo.make_data import DemoDataConfig, build_demo_data, scene_seed
-from evip.demo.scenes import BACKGROUND, COLOURS, CONCEPT, SHAPES, SLOTS, WORD_COLOUR, box_to_1000, render_scene
+from evip.demo.scenes import BACKGROUND, COLOURS, CONCEPT, SHAPES, SIMPLE, SLOTS, WORD_COLOUR, box_to_1000, render_scene
 
 
 def test_render_is_deterministic_and_seeds_differ():
@@ -117,7 +117,7 @@ def test_build_writes_readable_shards_chats_and_heldout(tmp_path):
     assert first["txt"].decode() == meta["caption"]
     image = Image.open(__import__("io").BytesIO(first["png"]))
     assert image.size == (112, 112)
-    assert image.tobytes() == render_scene(scene_seed(0, "s1_1", 0), 112, CONCEPT)[0].tobytes()   # S1.1: simple pictures
+    assert image.tobytes() == render_scene(scene_seed(0, "s1_1", 0), 112, SIMPLE)[0].tobytes()   # S1.1: simple pictures
     for name in ("s1_3/tasks.jsonl", "s2/chats.jsonl"):
         lines = (tmp_path / name).read_text().splitlines()
         assert len(lines) in (cfg.n_s1_3, cfg.n_s2)
@@ -178,6 +178,20 @@ def test_concept_pictures_are_simple_and_large():
             assert (x2 - x1) >= 0.3 * 112                       # large: at least 30% of the side
         assert tuple(px[0, 0]) == BACKGROUND
     assert n[1] > 60 and n[2] > 60, n
+
+
+def test_simple_pictures_are_mostly_one_shape_in_the_centre():
+    """S1.1's style: CONCEPT's layouts, three in four of them a lone centred shape."""
+    lone = 0
+    for seed in range(400):
+        _, scene = render_scene(seed, 112, SIMPLE)
+        assert len(scene.objects) in (1, 2) and scene.word is None
+        lone += len(scene.objects) == 1
+        if len(scene.objects) == 1:
+            assert scene.objects[0].position == "centre"
+        else:
+            assert {o.position for o in scene.objects} == {"left", "right"}
+    assert 0.68 * 400 < lone < 0.82 * 400, lone
 
 
 def test_concept_alt_text_names_its_objects_with_light_noise():

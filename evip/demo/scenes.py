@@ -2,8 +2,8 @@
 
 A scene is drawn from a seed and a style alone (`render_scene(seed, style=...)`), so the same
 seed always gives the same pixels and the same facts. Two styles make the demo's coarse-to-fine
-curriculum: `CONCEPT` (S1.1: one large shape in the centre, or two large ones side by side, no
-words) and `RICH` (S1.2 onwards and the held-out set: up to four smaller shapes in five slots,
+curriculum: `SIMPLE` (S1.1: mostly one large shape in the centre), `CONCEPT` (one large shape in
+the centre or two large ones side by side, no words) and `RICH` (S1.2 onwards and the held-out set: up to four smaller shapes in five slots,
 maybe a word). Objects sit in distinct named slots (left, right, top, bottom,
 centre) so every fact is unambiguous: "the red circle is on the left", "there are 3 shapes",
 "the word is 'fish'". Each (colour, shape) pair occurs at most once per scene, so a referring
@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -54,13 +54,17 @@ class SceneStyle:
     word_probability: float
     single_slot: str | None = None          # where a lone shape goes (None: any slot)
     single_radius: float | None = None      # a lone shape's radius (None: `radius`)
+    single_probability: float | None = None  # chance of a lone shape (None: counts drawn uniformly)
 
 
 RICH = SceneStyle("rich", 1, MAX_SHAPES, RADIUS, tuple(SLOTS.items()), 0.5)
 CONCEPT = SceneStyle("concept", 1, 2, 0.2,
                      (("left", (0.27, 0.5)), ("right", (0.73, 0.5)), ("centre", (0.5, 0.5))),
                      0.0, single_slot="centre", single_radius=0.34)   # a lone shape fills the picture
-STYLES = {s.name: s for s in (RICH, CONCEPT)}
+# S1.1's concept pictures: CONCEPT's layouts, three in four of them one shape filling the centre
+# (colour and shape first; two side by side, for counts and places, come with the rest)
+SIMPLE = replace(CONCEPT, name="simple", single_probability=0.75)
+STYLES = {s.name: s for s in (RICH, CONCEPT, SIMPLE)}
 
 
 @dataclass
@@ -141,7 +145,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 def sample_layout(rng: random.Random, style: SceneStyle = RICH
                   ) -> tuple[list[tuple[str, str, str]], tuple[str, str] | None]:
     """Pick (shape, colour, slot) triples and an optional (word, slot), all slots distinct."""
-    n_shapes = rng.randint(style.min_shapes, style.max_shapes)
+    if style.single_probability is not None and style.min_shapes == 1 and rng.random() < style.single_probability:
+        n_shapes = 1
+    else:
+        n_shapes = rng.randint(style.min_shapes if style.single_probability is None else 2, style.max_shapes)
     with_word = rng.random() < style.word_probability and n_shapes < len(style.slots)
     names = [name for name, _ in style.slots]
     if n_shapes == 1 and not with_word and style.single_slot is not None:
