@@ -55,12 +55,15 @@ class SceneStyle:
     single_slot: str | None = None          # where a lone shape goes (None: any slot)
     single_radius: float | None = None      # a lone shape's radius (None: `radius`)
     single_probability: float | None = None  # chance of a lone shape (None: counts drawn uniformly)
+    jitter: float = 0.0                     # each shape moves up to this fraction of the side and
+                                            # shrinks up to 10%, so no two pictures are alike
 
 
 RICH = SceneStyle("rich", 1, MAX_SHAPES, RADIUS, tuple(SLOTS.items()), 0.5)
 CONCEPT = SceneStyle("concept", 1, 2, 0.2,
                      (("left", (0.27, 0.5)), ("right", (0.73, 0.5)), ("centre", (0.5, 0.5))),
-                     0.0, single_slot="centre", single_radius=0.34)   # a lone shape fills the picture
+                     0.0, single_slot="centre", single_radius=0.34,   # a lone shape fills the picture
+                     jitter=0.025)
 # S1.1's concept pictures: CONCEPT's layouts, three in four of them one shape filling the centre
 # (colour and shape first; two side by side, for counts and places, come with the rest)
 SIMPLE = replace(CONCEPT, name="simple", single_probability=0.75)
@@ -187,8 +190,12 @@ def render_scene(seed: int, size: int = 112, style: SceneStyle = RICH) -> tuple[
     r = (style.single_radius if lone else style.radius) * size
     for shape, colour, slot in objects:
         fx, fy = centres[slot]
-        cx, cy = fx * size, fy * size
-        box = _draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
+        cx, cy, rr = fx * size, fy * size, r
+        if style.jitter:            # drawn after the layout: the same seed keeps its objects and slots
+            cx += rng.uniform(-style.jitter, style.jitter) * size
+            cy += rng.uniform(-style.jitter, style.jitter) * size
+            rr = r * rng.uniform(0.9, 1.0)
+        box = _draw_shape(draw, shape, cx, cy, rr, COLOURS[colour])
         scene.objects.append(SceneObject(shape, colour, slot, (round(cx), round(cy)), box))
     if word is not None:
         text, slot = word
