@@ -3,7 +3,6 @@ scorer's log-likelihoods checked against a plain one-sequence forward of a real 
 from __future__ import annotations
 
 import re
-
 from collections import Counter
 
 import pytest
@@ -96,7 +95,7 @@ def test_model_scorer_equals_plain_log_likelihood(questions):
     images = [open(q["image_path"], "rb").read() for q in questions]
     one_by_one = [scorer(q, im) for q, im in zip(questions, images)]
     batched = scorer.score_many(questions, images, group=3)
-    lengths = Counter(len(scorer._prepare(q, im)[0]) for q, im in zip(questions, images))
+    lengths = Counter(len(scorer._prepare(q, im).prompt) for q, im in zip(questions, images))
     assert len(lengths) > 1 and max(lengths.values()) > 3      # several groups, some split in chunks
     for a, b in zip(one_by_one, batched):
         assert b == pytest.approx(a, abs=1e-4)

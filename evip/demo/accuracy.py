@@ -24,7 +24,7 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -91,6 +91,15 @@ def evaluate(questions: Sequence[dict], scorer: Scorer) -> AccuracyResult:
     return AccuracyResult(len(questions), correct, correct / len(questions), chance, majority, per_kind)
 
 
+class Prepared(NamedTuple):
+    """One question for the scorer: the prompt shared by its options, the prompt's image tiles, and
+    each option's continuation [options, width] with the mask of its trained tokens."""
+    prompt: torch.Tensor
+    pixels: torch.Tensor
+    rest: torch.Tensor
+    trained: torch.Tensor
+
+
 class ModelOptionScorer:
     """Scores options by their log-likelihood under a MonoInternVL model (see module docstring).
 
@@ -123,8 +132,8 @@ class ModelOptionScorer:
         test compares both); ~10x fewer reads of the weights."""
         prepared = [self._prepare(q, im) for q, im in zip(questions, images)]
         by_len: dict[int, list[int]] = defaultdict(list)
-        for i, (prompt, *_rest) in enumerate(prepared):
-            by_len[len(prompt)].append(i)
+        for i, p in enumerate(prepared):
+            by_len[len(p.prompt)].append(i)
         scores: list[list[float]] = [[] for _ in questions]
         for idx in by_len.values():
             for start in range(0, len(idx), group):
@@ -133,8 +142,7 @@ class ModelOptionScorer:
                     scores[i] = sc
         return scores
 
-    def _prepare(self, question: dict, image: bytes):
-        """(prompt ids, pixels, option continuations [n, width], trained mask [n, width], total length)."""
+    def _prepare(self, question: dict, image: bytes) -> "Prepared":
         samples = self.samples(question, image)
         starts = [int((s.labels != IGNORE_INDEX).nonzero()[0]) for s in samples]
         p = min(starts)
@@ -149,16 +157,16 @@ class ModelOptionScorer:
         for i, (s, end) in enumerate(zip(samples, ends)):
             rest[i, :end - p] = s.input_ids[p:end]
             trained[i, :end - p] = s.labels[p:end] != IGNORE_INDEX
-        return prompt, samples[0].pixel_values, rest, trained, max(ends)
+        return Prepared(prompt, samples[0].pixel_values, rest, trained)
 
-    def _score_batch(self, prepared: list) -> list[list[float]]:
+    def _score_batch(self, prepared: list["Prepared"]) -> list[list[float]]:
         """Prompts of one length, side by side; then all their options (right-padded to the widest)."""
-        prompts = torch.stack([p[0] for p in prepared])
-        pixels = torch.cat([p[1] for p in prepared])
-        width = max(p[2].shape[1] for p in prepared)
-        rest = torch.cat([torch.nn.functional.pad(p[2], (0, width - p[2].shape[1])) for p in prepared])
-        trained = torch.cat([torch.nn.functional.pad(p[3], (0, width - p[3].shape[1])) for p in prepared])
-        owner = torch.cat([torch.full((p[2].shape[0],), i, dtype=torch.long) for i, p in enumerate(prepared)])
+        prompts = torch.stack([p.prompt for p in prepared])
+        pixels = torch.cat([p.pixels for p in prepared])
+        width = max(p.rest.shape[1] for p in prepared)
+        rest = torch.cat([torch.nn.functional.pad(p.rest, (0, width - p.rest.shape[1])) for p in prepared])
+        trained = torch.cat([torch.nn.functional.pad(p.trained, (0, width - p.rest.shape[1])) for p in prepared])
+        owner = torch.cat([torch.full((len(p.rest),), i, dtype=torch.long) for i, p in enumerate(prepared)])
         was_training = self.model.training
         self.model.eval()
         try:

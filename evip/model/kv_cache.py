@@ -1,6 +1,8 @@
 """A pre-allocated key/value cache for incremental decoding."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -40,19 +42,12 @@ class KVCache:
         continuations of one shared prompt, decoded side by side (one read of the weights)."""
         if self.batch != 1:
             raise ValueError(f"repeat() copies a one-row cache, this one has {self.batch} rows")
-        _, max_len, kv_heads, head_dim = self.k[0].shape
-        out = KVCache(len(self.k), batch, kv_heads, head_dim, max_len, self.k[0].dtype, self.k[0].device)
-        for dst, src in zip(out.k + out.v, self.k + self.v):
-            dst.copy_(src.expand_as(dst))
-        out.length = self.length
-        return out
+        return self.rows(torch.zeros(batch, dtype=torch.long, device=self.k[0].device))
 
     def rows(self, index: torch.Tensor) -> "KVCache":
         """A cache whose row j is a copy of this cache's row `index[j]`: continuations of several
         cached prompts, each repeated for its own candidates, decoded side by side."""
-        _, max_len, kv_heads, head_dim = self.k[0].shape
-        out = KVCache(len(self.k), len(index), kv_heads, head_dim, max_len, self.k[0].dtype, self.k[0].device)
+        out = copy.copy(self)
         out.k = [k.index_select(0, index) for k in self.k]
         out.v = [v.index_select(0, index) for v in self.v]
-        out.length = self.length
         return out
