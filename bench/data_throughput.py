@@ -175,9 +175,9 @@ def main() -> None:
                     help="also time restoring the loader at step 10 vs this step (bench/data_restore.py); 0: skip")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from evip.assets import smollm2_gguf
+    from evip.assets import smollm2
     from evip.model.tokens import load_tokenizer
-    tok = load_tokenizer(smollm2_gguf())
+    tok = load_tokenizer(smollm2())
     files = real_photos()
     sizes = [Image.open(io.BytesIO(f)).size for f in files]
     result = {"photos": len(files), "megapixels_mean": round(sum(w * h for w, h in sizes) / len(sizes) / 1e6, 2),

@@ -41,3 +41,10 @@ def tiny_cfg() -> ModelConfig:
 def smollm2_path():
     from evip.assets import smollm2_gguf
     return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The same LLM as an HF directory, converted once into ~/.cache/evip (`make setup` does it)."""
+    from evip.assets import smollm2
+    return smollm2()

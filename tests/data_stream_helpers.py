@@ -61,9 +61,9 @@ _TOK = {}
 def real_tokenizer():
     """SmolLM2's real tokenizer with the image tokens (evip.model.tokens.load_tokenizer), loaded once."""
     if "tok" not in _TOK:
-        from evip.assets import smollm2_gguf
+        from evip.assets import smollm2
         from evip.model.tokens import load_tokenizer
-        _TOK["tok"] = load_tokenizer(smollm2_gguf())
+        _TOK["tok"] = load_tokenizer(smollm2())
     return _TOK["tok"]
 
 

@@ -55,11 +55,11 @@ def test_paths_are_relative_to_the_file_that_names_them(tmp_path, monkeypatch):
 
 
 def test_named_asset_and_steps_replace_tokens(tmp_path, capsys):
-    from evip.assets import smollm2_gguf
+    from evip.assets import smollm2, smollm2_gguf
     pipe = write_tree(tmp_path)
-    lp = load_pipeline(pipe, ["base.source=smollm2", "base.tokenizer=asset:smollm2"])
-    assert lp.cfg.base.source == lp.cfg.base.tokenizer == str(smollm2_gguf())
-    with pytest.raises(ConfigError, match="unknown asset 'asset:smollm3': one of asset:smollm2"):
+    lp = load_pipeline(pipe, ["base.source=smollm2", "base.tokenizer=asset:smollm2-gguf"])
+    assert (lp.cfg.base.source, lp.cfg.base.tokenizer) == (str(smollm2()), str(smollm2_gguf()))
+    with pytest.raises(ConfigError, match="unknown asset 'asset:smollm3': one of asset:smollm2, asset:smollm2-gguf"):
         load_pipeline(pipe, ["base.source=asset:smollm3"])
     # the stage file says tokens: 1000; steps=5 alone replaces it, and tokens= given later wins back
     assert (lambda s: (s.steps, s.tokens))(load_pipeline(pipe).stages[0][0]) == (0, 1000)

@@ -24,8 +24,8 @@ def real_tokenizer(path):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    return real_tokenizer(smollm2_path)
+def tokenizer(smollm2_dir):
+    return real_tokenizer(smollm2_dir)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ SHORT = ["s1_1_concept.steps=4", "s1_2_semantic.steps=4", "s1_3_alignment.steps=
 
 
 @pytest.mark.slow
-def test_demo_pipeline_short(tmp_path, smollm2_path):
+def test_demo_pipeline_short(tmp_path, smollm2_dir):
     data, run = tmp_path / "data", tmp_path / "run"
     # a lone process: drop what an in-process run earlier in this session left for DeepSpeed
     launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -41,7 +41,7 @@ def test_demo_pipeline_short(tmp_path, smollm2_path):
 
     call("demo-data", str(data), "--n-s1-1", "200", "--n-s1-2", "100", "--n-s1-3", "60", "--n-s2", "60",
          "--n-heldout", "12")
-    call("run", "demo/pipeline.yaml", f"base.source={smollm2_path}", *SHORT, "--run-dir", str(run))
+    call("run", "demo/pipeline.yaml", f"base.source={smollm2_dir}", *SHORT, "--run-dir", str(run))
     out = call("report", str(run), "--heldout", str(data / "heldout" / "questions.json"))
 
     stages = {s.name: s for s in read_metrics(run / "metrics.jsonl")}

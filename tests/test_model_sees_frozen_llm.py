@@ -52,9 +52,9 @@ def packed(builder, seeds, colour_of=None) -> dict:
 
 
 @pytest.mark.slow
-def test_frozen_llm_learns_to_name_the_colour_it_sees(smollm2_path):
+def test_frozen_llm_learns_to_name_the_colour_it_sees(smollm2_dir):
     torch.manual_seed(0)
-    model, tok = load_pretrained_llm(smollm2_path, {"image_size": 56, "patch_size": 14, "vision_hidden_size": 128})
+    model, tok = load_pretrained_llm(smollm2_dir, {"image_size": 56, "patch_size": 14, "vision_hidden_size": 128})
     for name, p in model.named_parameters():
         p.requires_grad = group_of(name) in TRAINS
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

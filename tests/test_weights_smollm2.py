@@ -45,3 +45,19 @@ def test_smollm2_upcycled_shape(smollm2_pair):
     assert cfg.tie_word_embeddings and ours.output is None
     assert cfg.img_context_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>") >= 49152
     assert cfg.tokens_per_tile == 256
+
+
+@pytest.mark.slow
+def test_cached_hf_directory_builds_the_same_model_as_the_gguf(smollm2_pair, smollm2_dir):
+    """`smollm2` (the named asset the demo uses) is the GGUF converted once to an HF directory:
+    the model upcycled from it and its tokenizer must be the GGUF's, bit for bit."""
+    _, from_gguf, tok_gguf = smollm2_pair
+    from_dir, tok_dir = load_pretrained_llm(smollm2_dir, {"image_size": 448, "vision_hidden_size": 1024}, seed=0)
+    assert from_dir.cfg == from_gguf.cfg
+    a, b = from_dir.state_dict(), from_gguf.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])] == []
+    assert tok_dir.get_vocab() == tok_gguf.get_vocab() and tok_dir.chat_template == tok_gguf.chat_template
+    chat = tok_gguf.apply_chat_template([{"role": "user", "content": "What colour is it? <image>"}],
+                                        tokenize=False, add_generation_prompt=True)
+    assert tok_dir(chat + TEXT).input_ids == tok_gguf(chat + TEXT).input_ids

@@ -74,9 +74,9 @@ def prepared_tokenizer(base_temp: Path) -> Path:
     """SmolLM2's real tokenizer with the image tokens, saved once per session as an HF directory."""
     out = Path(base_temp) / "smollm2_tokenizer"
     if not (out / "tokenizer_config.json").is_file():
-        from evip.assets import smollm2_gguf
+        from evip.assets import smollm2
         from evip.model.tokens import load_tokenizer
-        load_tokenizer(smollm2_gguf()).save_pretrained(str(out))
+        load_tokenizer(smollm2()).save_pretrained(str(out))
     return out
 
 

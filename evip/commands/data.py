@@ -98,7 +98,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     import tempfile
 
-    from evip.assets import smollm2_gguf
+    from evip.assets import smollm2
     from evip.data.inspect import inspect_recipe
     from evip.data.inspect_target import inspect_target
     from evip.model.config import ModelConfig
@@ -106,7 +106,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="evip-inspect-") as work:
         target = inspect_target(args.target, args.stage, args.overrides, args.kind, work)
-        tok = load_tokenizer(args.tokenizer or smollm2_gguf())
+        tok = load_tokenizer(args.tokenizer or smollm2())
         model_cfg = ModelConfig(image_size=args.tile_size or target.tile_size or 448,
                                 patch_size=args.patch_size or target.patch_size or 14, vocab_size=len(tok),
                                 img_context_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT),

@@ -116,15 +116,20 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_gguf(path: Path) -> tuple[dict[str, Any], StateDictSource, Any]:
-    """(HF config dict, tensors, tokenizer) of a GGUF file, through transformers (fp32)."""
+def load_gguf_model(path: Path) -> tuple[Any, Any]:
+    """(transformers model in fp32, tokenizer) of a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return hf, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def load_gguf(path: Path) -> tuple[dict[str, Any], StateDictSource, Any]:
+    """(HF config dict, tensors, tokenizer) of a GGUF file, through transformers (fp32)."""
+    hf, tokenizer = load_gguf_model(path)
     config = hf.config.to_dict()
     tensors = dict(hf.state_dict())
     del hf  # the tensors live on in `tensors` only: assigned to our model without a copy
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return config, StateDictSource(tensors, f"GGUF file {path}"), tokenizer
