@@ -45,6 +45,9 @@ class CheckpointConfig:
     keep_last: int = 2
     keep_after_stage: bool = True   # False: drop the stage's checkpoints once its consolidated
                                     # weights and DONE are written (a finished stage never resumes)
+    at_stage_end: bool = True       # False: no checkpoint of the last step (a kill before DONE
+                                    # reruns the stage from its last periodic checkpoint, or from its
+                                    # start: the same steps, the same weights; only time is lost)
 
 
 @dataclass

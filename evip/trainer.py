@@ -230,7 +230,8 @@ class StageTrainer:
     def finish(self) -> ckpt.Counters:
         c = self.ctx
         latest = ckpt.latest_checkpoint(self.ckpt_root)
-        if latest is None or ckpt.read_meta(latest)["counters"]["step"] != self.counters.step:
+        if self.stage.checkpoint.at_stage_end and \
+                (latest is None or ckpt.read_meta(latest)["counters"]["step"] != self.counters.step):
             self.save()
         verify_frozen(self.frozen_at_start, frozen_digest(self.engine.module), self.stage.name)
         if c.evaluator is not None:

@@ -5,6 +5,8 @@ to the base. S1.3 also trains attention: the text FFNs stay identical. S2 trains
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -114,3 +116,28 @@ def test_finished_stages_can_drop_their_checkpoints(tmp_path, monkeypatch):
     lp.stages = lp.stages[:3]
     assert run_pipeline(lp, tmp_path, loader_factory=generated_factory) == []
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_a_stage_without_its_end_checkpoint_reruns_to_the_same_weights(tmp_path, monkeypatch):
+    """checkpoint.at_stage_end=false (the demo: no DeepSpeed save of the last step, ~10 s a stage on
+    the real LLM): nothing in ckpt/; a kill before DONE (here: DONE and the weights removed, as a
+    kill before they were written leaves the stage) reruns the stage from its start to the same
+    bytes and the same losses."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    overrides = ["stages_all.data.recipe=unused.yaml", "stages_all.steps=3", "stages_all.checkpoint.at_stage_end=false"]
+
+    def run():
+        lp = load_pipeline(TINY, overrides)
+        lp.stages = lp.stages[:1]
+        run_pipeline(lp, tmp_path, loader_factory=generated_factory)
+        return (stage / "model.safetensors").read_bytes(), [
+            (r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+            if r.get("kind") == "train"]
+
+    stage = tmp_path / "stages" / "0_s1_1_concept"
+    weights, losses = run()
+    assert not list(stage.glob("ckpt/step_*")) and len(losses) == 3
+    (stage / "DONE").unlink()
+    (stage / "model.safetensors").unlink()
+    again, both = run()
+    assert again == weights and both == losses + losses
