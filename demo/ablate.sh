@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/ablations}
 shift || true
-. demo/prepare.sh                                # PY, EVIP_DEMO_DATA (data made once), GGUF, start
-"$PY" -m evip.cli ablate demo/ablations.yaml "base.source=$GGUF" "$@" --run-dir "$RUN_DIR" | tee "$RUN_DIR.log"
+. demo/prepare.sh                                # PY, EVIP_DEMO_DATA (data made once), start
+"$PY" -m evip.cli ablate demo/ablations.yaml "$@" --run-dir "$RUN_DIR" | tee "$RUN_DIR.log"
 echo "ablations: wall time $(( $(date +%s) - start )) s; table, plots and JSON in $RUN_DIR/" >&2

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/demo}
 shift || true
-. demo/prepare.sh                                # PY, EVIP_DEMO_DATA (data made once), GGUF, start
-"$PY" -m evip.cli run demo/pipeline.yaml "base.source=$GGUF" "$@" --run-dir "$RUN_DIR"
+. demo/prepare.sh                                # PY, EVIP_DEMO_DATA (data made once), start
+"$PY" -m evip.cli run demo/pipeline.yaml "$@" --run-dir "$RUN_DIR"
 "$PY" -m evip.cli report "$RUN_DIR" --heldout "$EVIP_DEMO_DATA/heldout/questions.json"
 echo "demo: wall time $(( $(date +%s) - start )) s; plots and summary in $RUN_DIR/report/"
