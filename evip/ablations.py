@@ -103,15 +103,25 @@ def run_variant(la: LoadedAblation, variant: VariantConfig, run_dir: Path) -> fl
     return time.perf_counter() - t0
 
 
+def probes_path(la: LoadedAblation) -> Path:
+    """`probes` of the ablation file: a relative path is relative to the file, as in recipes; one that
+    is not there but is from the working directory (the demo's default, runs/demo/data) is read from there."""
+    probes = Path(la.cfg.probes).expanduser()
+    beside = la.path.resolve().parent / probes
+    for candidate in ([probes] if probes.is_absolute() else [beside, probes]):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"'probes' in {la.path}: {la.cfg.probes} not found beside the file ({beside}) nor from the "
+                      "working directory (evip demo-data DATA writes DATA/heldout/probes.json)")
+
+
 def run_ablations(la: LoadedAblation, run_dir: str | Path, log=print) -> dict:
     """Run and measure every variant not yet measured, then write the table, plots and JSON."""
     from evip.ablation_report import measure_variant, write_ablation_report
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    probes = Path(la.cfg.probes)
-    if not probes.is_file():
-        raise ConfigError(f"'probes' in {la.path}: {probes} not found (evip demo-data writes DATA/heldout/probes.json)")
+    probes = probes_path(la)
     results = {}
     for i, v in enumerate(la.cfg.variants):
         vdir = run_dir / v.name

@@ -92,3 +92,22 @@ def test_ablation_file_errors(tmp_path):
     ablation.write_text(text.replace("studies: [visual_expert], ", ""))
     with pytest.raises(ConfigError, match="variant 'no_expert' .* has no 'studies'"):
         load_ablation(ablation)
+
+
+def test_probes_are_relative_to_the_ablation_file(tmp_path, monkeypatch):
+    from evip.ablations import probes_path
+
+    (tmp_path / "cfg").mkdir()
+    ablation = write_ablation(tmp_path / "cfg", "data")        # probes: data/heldout/probes.json
+    la = load_ablation(ablation)
+    with pytest.raises(ConfigError, match="'probes' in .*not found beside the file"):
+        probes_path(la)
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "data/heldout").mkdir(parents=True)
+    (elsewhere / "data/heldout/probes.json").write_text("[]")
+    monkeypatch.chdir(elsewhere)
+    assert probes_path(la).resolve() == \
+        (elsewhere / "data/heldout/probes.json").resolve()     # the working directory's, when only it has one
+    (tmp_path / "cfg/data/heldout").mkdir(parents=True)
+    (tmp_path / "cfg/data/heldout/probes.json").write_text("[]")
+    assert probes_path(la) == tmp_path / "cfg/data/heldout/probes.json"   # beside the file wins

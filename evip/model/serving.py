@@ -83,9 +83,11 @@ def save_serving_files(tokenizer: Any, directory: str | Path, serving: ServingCo
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
-# The released checkpoints' modelling files that config.json's auto_map names (mono2b_layout.AUTO_MAP).
+# The released checkpoints' modelling files that config.json's auto_map names (mono2b_layout.AUTO_MAP),
+# and conversation.py, which modeling_internvl_chat.py imports for its chat template.
 REMOTE_CODE = ("configuration_internvl_chat.py", "modeling_internvl_chat.py", "configuration_intern_vit.py",
-               "modeling_intern_vit.py", "configuration_internlm2.py", "modeling_internlm2_ve.py")
+               "modeling_intern_vit.py", "configuration_internlm2.py", "modeling_internlm2_ve.py",
+               "conversation.py")
 
 
 def remote_code_files(source: str | Path) -> list[Path]:
