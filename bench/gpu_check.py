@@ -1,5 +1,6 @@
 """The one-shot GPU check (run through bench/gpu_check.sh): what a first GPU must confirm, in one
-process, each part recorded even when another fails. The last line printed is one JSON object.
+process, each part recorded even when another fails. The last line printed is one JSON object;
+after each part, stderr gets a `gpu_check partial: {...}` line with what is measured so far.
 
   kernels       packed attention in bf16 against the fp32 SDPA reference (the one mask definition),
                 outputs and q/k/v gradients, max abs error: varlen (torch), flex (compiled), SDPA
@@ -241,6 +242,8 @@ def main() -> int:
             result[name] = None
             result["errors"][name] = f"{type(e).__name__}: {str(e)[:500]}"
         print(f"gpu_check: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        # what is measured so far, so that a run cut off by the time limit still reports its parts
+        print(f"gpu_check partial: {json.dumps(result)}", file=sys.stderr, flush=True)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result))
     return 1 if result["errors"] else 0

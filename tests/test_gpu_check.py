@@ -32,3 +32,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert s["tokens_per_step"] > 0 and s["tokens_per_s"] > 0 and s["plan_estimate_gb"] > 0 and s["mfu"] is None
     assert s["generate"]["same_leading_tokens"] == "4/4"
     assert out["routed"]["routed_over_plain"] > 0
+    partial = [json.loads(line.split("gpu_check partial: ", 1)[1]) for line in res.stderr.splitlines()
+               if line.startswith("gpu_check partial: ")]
+    assert [set(p) & {"kernels", "stage_step", "routed"} for p in partial] == \
+        [{"kernels"}, {"kernels", "stage_step"}, {"kernels", "stage_step", "routed"}]
