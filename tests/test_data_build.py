@@ -194,6 +194,13 @@ def test_caption_rules_and_long_caption_warning(tmp_path, capsys):
     rc = evip_main(["data", "build", str(root), "--out", str(tmp_path / "whole"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0 and "warning: 2 of 5 captions are longer than 2000 characters" in err
+    assert "shorter than" not in err
+    (root / f"{PHOTOS[4]}.txt").write_text("\n\nfox\n")                      # 3 characters
+    rc = evip_main(["data", "build", str(root), "--out", str(tmp_path / "short"), "--no-progress"])
+    assert rc == 0 and "warning: 1 of 5 captions are shorter than 5 characters" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "short" / "manifest.json").read_text())
+    assert manifest["captions"]["under_min_chars"] == 1 and manifest["captions"]["over_max_chars"] == 2
+    (root / f"{PHOTOS[4]}.txt").write_text(f"{PHOTOS[4]} first line\nshort\n")
     rc = evip_main(["data", "build", str(root), "--out", str(tmp_path / "first"), "--caption", "first_line",
                     "--no-progress"])
     assert rc == 0 and "warning" not in capsys.readouterr().err

@@ -26,6 +26,9 @@ def register(subparsers) -> None:
     b.add_argument("--max-caption-chars", type=int, default=2000,
                    help="warn, with counts, about captions longer than this (the S1 recipes' "
                         "filters.max_caption_chars drop them); 0: off")
+    b.add_argument("--min-caption-chars", type=int, default=5,
+                   help="warn, with counts, about captions shorter than this (the S1 recipes' "
+                        "filters.min_caption_chars drop them); 0: off")
     b.add_argument("--heldout", type=float, default=0,
                    help="held-out split: N samples (>= 1) or a fraction in (0, 1), spread evenly over the "
                         "input, written as heldout-*.tar with its own recipe OUT/heldout.yaml")
@@ -64,7 +67,8 @@ def run_build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(input=args.input, out=args.out, format=args.format, root=args.root,
                       image_column=args.image_column, text_column=args.text_column,
                       conversations_column=args.conversations_column, caption=args.caption,
-                      max_caption_chars=args.max_caption_chars, heldout=args.heldout,
+                      max_caption_chars=args.max_caption_chars, min_caption_chars=args.min_caption_chars,
+                      heldout=args.heldout,
                       samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
                       prefix=args.prefix, progress=not args.no_progress)
     try:
@@ -86,6 +90,11 @@ def run_build(args: argparse.Namespace) -> int:
               f"{args.max_caption_chars} characters (longest {result.longest_caption}); a recipe filter "
               f"max_caption_chars={args.max_caption_chars} (as in data_recipes/s1_*.yaml) drops them as "
               f"caption_length: pass --caption first_line or first_paragraph, or raise the filter", file=sys.stderr)
+    if result.short_captions:
+        print(f"warning: {result.short_captions} of {result.count + result.heldout_count} captions are shorter than "
+              f"{args.min_caption_chars} characters; a recipe filter min_caption_chars={args.min_caption_chars} "
+              f"(as in data_recipes/s1_1_concept.yaml) drops them as caption_length: check the caption files "
+              f"(--caption first_line takes the first non-empty line), or lower the filter", file=sys.stderr)
     if not result.count:
         print(f"evip data build: wrote no samples: {result.why_empty()}", file=sys.stderr)
         return 1

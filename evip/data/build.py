@@ -27,8 +27,9 @@ Caption files (folder input), `caption`:
 - `first_line`: the first non-empty line;
 - `first_paragraph`: the first block of non-empty lines (up to the first blank line), its lines
   joined by single spaces.
-Captions longer than `max_caption_chars` (default 2000, the `filters.max_caption_chars` of the
-shipped S1 recipes) are kept but counted and warned about: a recipe filter would drop them.
+Captions longer than `max_caption_chars` (default 2000) or shorter than `min_caption_chars`
+(default 5), the `filters.max/min_caption_chars` of the shipped S1 recipes, are kept but counted
+and warned about: a recipe filter would drop them.
 
 Held-out split: `heldout` = N (a count, >= 1) or a fraction in (0, 1). Held-out samples are
 spread evenly over the input order (sample i of the T inputs goes to the held-out split when
@@ -94,6 +95,7 @@ class BuildConfig:
     conversations_column: str = ""          # hf: set for chat data
     caption: str = "whole"                  # folder captions: whole | first_line | first_paragraph
     max_caption_chars: int = 2000           # warn (with counts) about longer captions; 0: off
+    min_caption_chars: int = 5              # warn (with counts) about shorter captions; 0: off
     heldout: float = 0                      # N >= 1 samples, or a fraction in (0, 1); 0: none
     samples_per_shard: int = 10_000
     max_shard_bytes: int = 1 << 30
@@ -118,6 +120,7 @@ class BuildResult:
     kind: str = "caption"
     inputs: int = 0
     long_captions: int = 0
+    short_captions: int = 0
     longest_caption: int = 0
     recipes: dict[str, str] = field(default_factory=dict)           # split -> recipe path
 
@@ -488,6 +491,8 @@ def build_shards(cfg: BuildConfig, log=print) -> BuildResult:
                 result.longest_caption = max(result.longest_caption, len(text))
                 if cfg.max_caption_chars and len(text) > cfg.max_caption_chars:
                     result.long_captions += 1
+                if len(text) < cfg.min_caption_chars:
+                    result.short_captions += 1
             for i, (ext, data) in enumerate(members):
                 sample[ext if len(members) == 1 else f"{i}.{ext}"] = data
             sink.write(sample)
@@ -509,7 +514,8 @@ def build_shards(cfg: BuildConfig, log=print) -> BuildResult:
                 "shards": [vars(s) for s in result.shards],
                 "heldout": {"count": result.heldout_count, "shards": [vars(s) for s in result.heldout]},
                 "captions": {"rule": cfg.caption, "longest_chars": result.longest_caption,
-                             "over_max_chars": result.long_captions, "max_chars": cfg.max_caption_chars},
+                             "over_max_chars": result.long_captions, "max_chars": cfg.max_caption_chars,
+                             "under_min_chars": result.short_captions, "min_chars": cfg.min_caption_chars},
                 "recipes": {k: Path(v).name for k, v in result.recipes.items()}}
     _write_json(out / "manifest.json", manifest)
     return result
