@@ -212,3 +212,26 @@ def test_unknown_rope_scaling_is_refused_at_import():
     with pytest.raises(UnsupportedArchitectureError, match="'linear'"):
         model_config_from_hf({**llama, "rope_scaling": {"type": "linear", "factor": 4.0}})
     assert tiny_model_config().rope_scaling == "none"
+
+
+def test_exported_tokenizer_json_is_readable_by_the_released_codes_tokenizers(tmp_path, tmp_path_factory):
+    """tokenizers >= 0.20 saves BPE merges as pairs, which the tokenizers pinned by the released code
+    (0.15) cannot parse; the export writes them as "a b" strings, which both read to the same ids
+    (tests/test_export_official.py loads it under 0.15 when that stack is given)."""
+    from tokenizers import Tokenizer
+    from trainer_helpers import prepared_tokenizer
+    from transformers import AutoTokenizer
+
+    from evip.model.serving import ServingConfig, save_serving_files
+
+    tok = AutoTokenizer.from_pretrained(str(prepared_tokenizer(tmp_path_factory.getbasetemp())))
+    tok.save_pretrained(str(tmp_path / "plain"))
+    merges = json.loads((tmp_path / "plain" / "tokenizer.json").read_text())["model"]["merges"]
+    assert isinstance(merges[0], list)                                # what this tokenizers writes
+    save_serving_files(tok, tmp_path / "export", ServingConfig(), pad_token_id=0)
+    exported = json.loads((tmp_path / "export" / "tokenizer.json").read_text())["model"]["merges"]
+    assert exported == [" ".join(pair) for pair in merges]
+    text = "A red square on the left, <IMG_CONTEXT> 12 wörlds<|im_end|>\n\tend"
+    before = Tokenizer.from_file(str(tmp_path / "plain" / "tokenizer.json")).encode(text).ids
+    assert Tokenizer.from_file(str(tmp_path / "export" / "tokenizer.json")).encode(text).ids == before
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "export"))(text)["input_ids"] == tok(text)["input_ids"]

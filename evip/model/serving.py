@@ -62,6 +62,24 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+def legacy_bpe_merges(path: Path) -> None:
+    """tokenizers >= 0.20 writes a BPE model's merges as pairs ["a", "b"]; the tokenizers the released
+    Mono-InternVL code pins (0.15, with transformers 4.37) reads only "a b" strings and fails on the
+    pairs ("data did not match any variant of untagged enum ModelWrapper"). Every version reads the
+    strings, so they are written that way whenever no piece holds a space (byte-level BPE: never)."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or not isinstance(merges[0], list):
+        return
+    if any(" " in piece for pair in merges for piece in pair):
+        return
+    model["merges"] = [" ".join(pair) for pair in merges]
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
 def save_serving_files(tokenizer: Any, directory: str | Path, serving: ServingConfig, pad_token_id: int) -> None:
     """Tokenizer files (with the image tokens and the chat template) and generation_config.json."""
     directory = Path(directory)
@@ -69,6 +87,7 @@ def save_serving_files(tokenizer: Any, directory: str | Path, serving: ServingCo
     template = chat_template(serving.system_prompt)
     tok.chat_template = template
     tok.save_pretrained(str(directory))
+    legacy_bpe_merges(directory / "tokenizer.json")
     cfg_path = directory / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["chat_template"] = template                       # transformers < 4.43 read it only here
