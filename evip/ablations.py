@@ -104,15 +104,16 @@ def run_variant(la: LoadedAblation, variant: VariantConfig, run_dir: Path) -> fl
 
 
 def probes_path(la: LoadedAblation) -> Path:
-    """`probes` of the ablation file: a relative path is relative to the file, as in recipes; one that
-    is not there but is from the working directory (the demo's default, runs/demo/data) is read from there."""
-    probes = Path(la.cfg.probes).expanduser()
-    beside = la.path.resolve().parent / probes
-    for candidate in ([probes] if probes.is_absolute() else [beside, probes]):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"'probes' in {la.path}: {la.cfg.probes} not found beside the file ({beside}) nor from the "
-                      "working directory (evip demo-data DATA writes DATA/heldout/probes.json)")
+    """`probes` of the ablation file under the path rule (evip/config.py `resolve_path`): relative to
+    the file, or from the working directory with a warning when only that has it. Applied to the
+    interpolated value, so `${oc.env:EVIP_DEMO_DATA,runs/demo/data}/...` follows the rule too."""
+    from evip.config import resolve_path
+
+    probes = Path(resolve_path(la.cfg.probes, la.path.resolve().parent, "probes", str(la.path))).expanduser()
+    if not probes.is_file():
+        raise ConfigError(f"'probes' in {la.path}: {la.cfg.probes} not found beside the file ({probes}) nor from the "
+                          "working directory (evip demo-data DATA writes DATA/heldout/probes.json)")
+    return probes
 
 
 def run_ablations(la: LoadedAblation, run_dir: str | Path, log=print) -> dict:

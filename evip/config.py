@@ -11,8 +11,8 @@ in a YAML file (a stage's `data.recipe`, `eval.heldout_data.recipe`, `eval.text_
 `stages.N.file` and the `key=value` overrides it lists for its stages) is read from that file's
 directory; one given on the command line, from the working directory. Relative paths inside a
 recipe are relative to the recipe (evip/data/recipe.py). Named assets are not paths:
-`smollm2` (or `asset:smollm2`) is the real SmolLM2-135M-Instruct GGUF bundled with evip
-(evip/assets.py); `random` and `pydoc` keep their meaning. A relative path that does not exist
+`smollm2` (or `asset:smollm2`) is the real SmolLM2-135M-Instruct bundled with evip, as the HF
+directory built once from its GGUF (`smollm2-gguf`, evip/assets.py); `random` and `pydoc` keep their meaning. A relative path that does not exist
 beside its file but does from the working directory (configs written before this rule) is read
 from there, with a warning that names it.
 """

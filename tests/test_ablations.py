@@ -106,8 +106,9 @@ def test_probes_are_relative_to_the_ablation_file(tmp_path, monkeypatch):
     (elsewhere / "data/heldout").mkdir(parents=True)
     (elsewhere / "data/heldout/probes.json").write_text("[]")
     monkeypatch.chdir(elsewhere)
-    assert probes_path(la).resolve() == \
-        (elsewhere / "data/heldout/probes.json").resolve()     # the working directory's, when only it has one
+    with pytest.warns(UserWarning, match="'probes' .* is read from the working directory"):
+        assert probes_path(la).resolve() == \
+            (elsewhere / "data/heldout/probes.json").resolve()  # the working directory's, when only it has one
     (tmp_path / "cfg/data/heldout").mkdir(parents=True)
     (tmp_path / "cfg/data/heldout/probes.json").write_text("[]")
     assert probes_path(la) == tmp_path / "cfg/data/heldout/probes.json"   # beside the file wins
