@@ -180,7 +180,7 @@ def test_build_cli_reports_every_skip_and_why_nothing_was_written(tmp_path, caps
 
 
 def test_caption_rules_and_long_caption_warning(tmp_path, capsys):
-    from evip.data.build import caption_text
+    from evip.data.build_inputs import caption_text
     raw = "\n\n  Red fox  \n in snow\n\nRenard roux\ndans la neige\n"
     assert caption_text(raw, "whole") == "Red fox  \n in snow\n\nRenard roux\ndans la neige"
     assert caption_text(raw, "first_line") == "Red fox"
