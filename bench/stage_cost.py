@@ -41,6 +41,7 @@ class Batches:
     """Packed batches: per row, samples of one image (tiles x 16 tokens) + a caption, and a text sample."""
 
     def __init__(self, cfg, seq_len: int, n: int):
+        from evip.model.layout import PackedLayout
         self.items, self.index = [], 0
         g = torch.Generator().manual_seed(0)
         tpt = cfg.tokens_per_tile
@@ -58,7 +59,9 @@ class Batches:
             kind[0, half:] = 2
             self.items.append({"input_ids": ids, "labels": labels, "position_ids": pos, "seq_ids": seq,
                                "kind_ids": kind, "pixel_values": torch.randn(4, 3, cfg.image_size, cfg.image_size,
-                                                                              generator=g)})
+                                                                              generator=g),
+                               # as the data loader's workers ship it: the forward then needs no host sync
+                               "layout": PackedLayout.of(ids, labels, seq, cfg.img_context_token_id)})
 
     def __iter__(self):
         while True:

@@ -20,10 +20,21 @@ A batch is a plain dict of tensors (so DataLoader collation, pinning and `.to()`
 
 The image-token mask is `input_ids == img_context_token_id`; its count must equal
 N * tokens_per_tile, and the model checks it.
+
+The data loader adds one more entry, computed on its CPU workers:
+
+    layout        PackedLayout (evip/model/layout.py): the text/image token positions, labelled
+                  positions and targets, `cu_seqlens` and its longest segment of this batch, so
+                  the forward needs no device -> host sync to find them. Moved with the batch
+                  (`.to(device, non_blocking=True)`, pinned with it). Optional: without it the
+                  model computes the same values itself (generate, evals of hand-made batches,
+                  tests). Whoever changes input_ids, labels or seq_ids must drop it.
 """
 from __future__ import annotations
 
 KINDS = ("caption", "chat", "text")
 KIND_ID = {k: i for i, k in enumerate(KINDS)}
 IGNORE_INDEX = -100
-BATCH_KEYS = ("input_ids", "labels", "position_ids", "seq_ids", "kind_ids", "pixel_values")
+TENSOR_KEYS = ("input_ids", "labels", "position_ids", "seq_ids", "kind_ids", "pixel_values")   # the packer's
+LAYOUT_KEY = "layout"
+BATCH_KEYS = TENSOR_KEYS + (LAYOUT_KEY,)                                                         # the loader's

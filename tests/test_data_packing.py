@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evip.batch import BATCH_KEYS, IGNORE_INDEX
+from evip.batch import IGNORE_INDEX, TENSOR_KEYS
 from evip.data.packing import Packer
 from evip.data.record import BadSample, Sample
 
@@ -49,7 +49,7 @@ def test_batch_layout_positions_seq_kinds_pixels():
     batches = run(packer, samples)
     assert len(batches) == 1                                 # sample 3 fits no row: opens the next batch
     batch = batches[0]
-    assert tuple(batch) == BATCH_KEYS and batch["input_ids"].shape == (2, 10)
+    assert tuple(batch) == TENSOR_KEYS and batch["input_ids"].shape == (2, 10)
     # first-fit: row 0 holds samples 0 and 1 (9 tokens), row 1 holds sample 2
     rows = unpack(batch)
     assert [[ids[0].item() // 1000 - 1 for ids, _ in r] for r in rows] == [[0, 1], [2]]
@@ -131,7 +131,7 @@ def test_resume_from_positions_gives_identical_batches():
         out += resumed.add(samples[pos], position=pos)
     assert len(out) == len(expected) - k
     for a, b in zip(out, expected[k:]):
-        for key in BATCH_KEYS:
+        for key in TENSOR_KEYS:
             assert torch.equal(a[key], b[key]), key
     assert resumed.stats == ref.stats
     with pytest.raises(ValueError, match="token_budget"):

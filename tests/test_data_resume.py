@@ -12,7 +12,7 @@ import torch
 
 from data_stream_helpers import (data_config, make_shards, model_config_for, real_tokenizer,
                                  tokenizer_pickle, write_recipe)
-from evip.batch import BATCH_KEYS
+from evip.batch import BATCH_KEYS, LAYOUT_KEY, TENSOR_KEYS
 from evip.data.loader import build_loader
 
 SCRIPT = Path(__file__).with_name("data_stream_script.py")
@@ -54,8 +54,9 @@ def _equal(xs, ys):
     assert len(xs) == len(ys)
     for i, (x, y) in enumerate(zip(xs, ys)):
         assert set(x) == set(BATCH_KEYS) == set(y)
-        for k in BATCH_KEYS:
+        for k in TENSOR_KEYS:
             assert torch.equal(x[k], y[k]), f"batch {i}, {k}"
+        assert x[LAYOUT_KEY] == y[LAYOUT_KEY], f"batch {i}, {LAYOUT_KEY}"
 
 
 def test_resume_in_new_process_workers_ranks_mixture_epochs_and_resume_twice(data, tmp_path):

@@ -1,7 +1,7 @@
 """The training data loader: recipe -> per-slot record stream -> samples -> packed batches.
 
     loader = build_loader(cfg.data, tokenizer, model_cfg, rank, world_size)
-    for batch in loader:          # dict of tensors, exactly evip.batch.BATCH_KEYS
+    for batch in loader:          # exactly evip.batch.BATCH_KEYS: the tensors and their layout
         ...
     stats = loader.stats()        # plain numbers to log (see below)
     state = loader.state_dict()   # save per rank; loader.load_state_dict(state) resumes exactly
@@ -34,6 +34,7 @@ from omegaconf import MISSING
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from evip.batch import LAYOUT_KEY
 from evip.data.accounting import Accounting, merge_stats
 from evip.data.packing import Packer
 from evip.data.record import BadSample
@@ -41,6 +42,7 @@ from evip.data.recipe import RecipeConfig, filter_config, load_recipe, resolve_t
 from evip.data.sample import SampleBuilder, SampleConfig
 from evip.data.sources import build_source
 from evip.data.stream import SlotStream, elastic_states, fresh_source_state, lanes_of
+from evip.model.layout import PackedLayout
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +163,9 @@ class PackedIterator:
         if len(batches) != 1:
             raise RuntimeError(f"the packer emitted {len(batches)} batches for one sample; expected 1")
         batch = batches[0]
+        # here on the CPU worker, so that the forward on the GPU needs no host sync to find them
+        batch[LAYOUT_KEY] = PackedLayout.of(batch["input_ids"], batch["labels"], batch["seq_ids"],
+                                            self.ds.model_cfg.img_context_token_id)
         self.acc.packed(int((batch["seq_ids"] >= 0).sum()), batch["input_ids"].numel())
         # the state is the position before the oldest sample the packer still holds
         base = self.packer.resume_from() or self._snapshot()

@@ -33,7 +33,8 @@ def shifted_targets(labels: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor
 
 
 def labelled_positions(labels: torch.Tensor, seq_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat indices over B*T of the positions that carry a loss, their target ids)."""
+    """(flat indices over B*T of the positions that carry a loss, their target ids). A host sync on
+    a GPU (the count); the data loader computes it on its workers instead (evip/model/layout.py)."""
     targets = shifted_targets(labels, seq_ids).reshape(-1)
     sel = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     return sel, targets.index_select(0, sel)
@@ -46,7 +47,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, kinds: Optional[torch.T
 
 
 def _parts(loss_sum: torch.Tensor, per_token: torch.Tensor, kinds: Optional[torch.Tensor]) -> LossParts:
-    num = torch.tensor(per_token.numel(), device=per_token.device)
+    # a fill, not torch.tensor(n, device=...): that copies from the host, a sync on a GPU
+    num = torch.full((), per_token.numel(), dtype=torch.int64, device=per_token.device)
     loss = loss_sum / num.clamp(min=1)
     kind_sum = torch.zeros(len(KINDS), dtype=torch.float32, device=per_token.device)
     kind_num = torch.zeros(len(KINDS), dtype=torch.int64, device=per_token.device)
@@ -115,8 +117,10 @@ class _ChunkedHeadCE(torch.autograd.Function):
 
 
 def packed_lm_loss(logits: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,
-                   kind_ids: Optional[torch.Tensor]) -> LossParts:
-    """logits [B, T, V]; labels, seq_ids, kind_ids [B, T]. kind_ids None: per-kind sums stay 0."""
-    sel, targets = labelled_positions(labels, seq_ids)
+                   kind_ids: Optional[torch.Tensor],
+                   labelled: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> LossParts:
+    """logits [B, T, V]; labels, seq_ids, kind_ids [B, T]. kind_ids None: per-kind sums stay 0.
+    `labelled`: `labelled_positions(labels, seq_ids)` when the caller has it (no host sync)."""
+    sel, targets = labelled if labelled is not None else labelled_positions(labels, seq_ids)
     kinds = None if kind_ids is None else kind_ids.reshape(-1).index_select(0, sel)
     return lm_loss(logits.reshape(-1, logits.shape[-1]).index_select(0, sel), targets, kinds)

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from evip.model.config import ModelConfig
 from evip.model.decoder import DecoderLayer
 from evip.model.kv_cache import KVCache
+from evip.model.layout import PackedLayout
 from evip.model.loss import head_lm_loss, labelled_positions, packed_lm_loss
 from evip.model.norm import RMSNorm
 from evip.model.packed_attention import AttentionContext, cached_context, choose_impl, packed_context
@@ -104,13 +105,13 @@ class MonoInternVL(nn.Module):
         h, image_mask, _ = self.embed_routed(input_ids, pixel_values)
         return h, image_mask
 
-    def embed_routed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]
-                     ) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+    def embed_routed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                     routing: Optional[Routing] = None) -> tuple[torch.Tensor, torch.Tensor, Routing]:
         """`embed` and the text/image routing of the tokens, sharing one host sync (the count of
-        image tokens, checked against the tiles)."""
+        image tokens, checked against the tiles); none when `routing` is given (the batch's layout)."""
         image_mask = input_ids == self.cfg.img_context_token_id
         h = self.tok_embeddings(input_ids)
-        num_image_tokens = int(image_mask.sum().item())
+        num_image_tokens = int(image_mask.sum().item()) if routing is None else routing.image_idx.numel()
         if pixel_values is not None:
             self._check_pixels(pixel_values)
         num_tiles = 0 if pixel_values is None else pixel_values.shape[0]
@@ -119,7 +120,8 @@ class MonoInternVL(nn.Module):
             raise ValueError(
                 f"input_ids hold {num_image_tokens} <IMG_CONTEXT> tokens (id {self.cfg.img_context_token_id}) "
                 f"but pixel_values has {num_tiles} tiles x {self.cfg.tokens_per_tile} tokens per tile = {expected}")
-        routing = Routing.from_mask(image_mask, num_image_tokens)
+        if routing is None:
+            routing = Routing.from_mask(image_mask, num_image_tokens)
         if pixel_values is not None:   # even with 0 tiles: the patch embedding then gets zero grads, not none
             images = self.embed_images(pixel_values).to(h.dtype)
             b, t, hidden = h.shape
@@ -152,8 +154,13 @@ class MonoInternVL(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 seq_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, kind_ids: Optional[torch.Tensor] = None,
-                *, kv_cache: Optional[KVCache] = None, return_logits: bool = True) -> ModelOutput:
+                layout: Optional[PackedLayout] = None, *, kv_cache: Optional[KVCache] = None,
+                return_logits: bool = True) -> ModelOutput:
         """A packed micro-batch (evip/batch.py) -> ModelOutput.
+
+        `layout` (the data loader's, evip/model/layout.py): the routing, labelled positions and
+        attention segments are taken from it instead of being searched for on the device, so the
+        forward makes no host sync; without it they are computed here (same values).
 
         `return_logits=False` (with labels): the head runs only on the labelled positions, in chunks
         (loss.head_lm_loss), and `logits` is None; same loss and gradients, with no [B, T, vocab]
@@ -173,9 +180,15 @@ class MonoInternVL(nn.Module):
             if tensor is not None and tensor.shape != input_ids.shape:
                 raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, "
                                  f"got {list(tensor.shape)}")
-        h, image_mask, routing = self.embed_routed(input_ids, pixel_values)
+        if layout is not None:
+            if kv_cache is not None:
+                raise ValueError("a batch layout describes a packed forward without a KV cache; drop the "
+                                 "'layout' key when decoding with kv_cache")
+            layout.check(input_ids)
+        h, image_mask, routing = self.embed_routed(input_ids, pixel_values,
+                                                   None if layout is None else layout.routing)
         if kv_cache is None:
-            ctx = packed_context(seq_ids, choose_impl(self.cfg.attn_impl, h.dtype, h.device))
+            ctx = packed_context(seq_ids, choose_impl(self.cfg.attn_impl, h.dtype, h.device), layout)
         else:
             if b != kv_cache.batch:
                 raise ValueError(f"decoding with a KV cache of {kv_cache.batch} rows takes B={kv_cache.batch}, "
@@ -186,12 +199,13 @@ class MonoInternVL(nn.Module):
             kv_cache.advance(t)
         if labels is None:
             return ModelOutput(logits=self.head(h))
+        labelled = None if layout is None else (layout.loss_idx, layout.loss_targets)
         if return_logits:
             logits = self.head(h)
-            parts = packed_lm_loss(logits, labels, seq_ids, kind_ids)
+            parts = packed_lm_loss(logits, labels, seq_ids, kind_ids, labelled)
         else:
             logits = None
-            sel, targets = labelled_positions(labels, seq_ids)
+            sel, targets = labelled if labelled is not None else labelled_positions(labels, seq_ids)
             kinds = None if kind_ids is None else kind_ids.reshape(-1).index_select(0, sel)
             parts = head_lm_loss(h.reshape(b * t, -1).index_select(0, sel), self.head_weight(), targets, kinds)
         return ModelOutput(logits, parts.loss, parts.loss_sum, parts.num_tokens, parts.kind_loss_sum,

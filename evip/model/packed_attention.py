@@ -26,13 +26,16 @@ import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 IMPLS = ("auto", "sdpa", "flex", "varlen", "flash")
 FLEX_BLOCK = 128          # flex_attention's default tile (queries and keys)
+
+if TYPE_CHECKING:
+    from evip.model.layout import PackedLayout
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,11 @@ def cu_seqlens(seq_ids: torch.Tensor) -> torch.Tensor:
     starts[::t] = True
     idx = starts.nonzero().squeeze(1)                   # a host sync (the segment count)
     return torch.cat([idx, idx.new_tensor([b * t])]).to(torch.int32)
+
+
+def segment_max_len(cu: torch.Tensor) -> int:
+    """The longest segment of `cu_seqlens` (a host sync when cu is on a GPU)."""
+    return int((cu[1:] - cu[:-1]).max().item())
 
 
 def flex_block_mask(seq_ids: torch.Tensor):
@@ -176,15 +184,19 @@ def choose_impl(attn_impl: str, dtype: torch.dtype, device: torch.device) -> str
     return "flex"
 
 
-def packed_context(seq_ids: torch.Tensor, impl: str) -> AttentionContext:
+def packed_context(seq_ids: torch.Tensor, impl: str, layout: Optional["PackedLayout"] = None) -> AttentionContext:
     """The context of a packed forward without a KV cache; seq_ids [B, T]. Built once per forward
-    and shared by every layer."""
+    and shared by every layer. With the batch's `layout` (evip/model/layout.py), `cu_seqlens`, its
+    longest segment and the one-sample-rows test come from it: no host sync."""
     if impl in ("varlen", "flash"):
+        if layout is not None:
+            return AttentionContext(impl=impl, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen)
         cu = cu_seqlens(seq_ids)
-        return AttentionContext(impl=impl, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max().item()))
+        return AttentionContext(impl=impl, cu_seqlens=cu, max_seqlen=segment_max_len(cu))
     if impl == "flex":
         return AttentionContext(impl="flex", block_mask=flex_block_mask(seq_ids))
-    if bool((seq_ids == 0).all()):               # one whole sample per row: the causal kernel, no mask
+    one_sample_rows = layout.one_sample_rows if layout is not None else bool((seq_ids == 0).all())
+    if one_sample_rows:                          # one whole sample per row: the causal kernel, no mask
         return AttentionContext(impl="sdpa")
     return AttentionContext(impl="sdpa", mask=dense_mask(seq_ids).unsqueeze(1))
 

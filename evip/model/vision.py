@@ -34,8 +34,9 @@ def normalise_pixels(pixel_values: torch.Tensor, dtype: torch.dtype = torch.floa
                             "(0..255) or already-normalised float tiles")
         return pixel_values.to(dtype)
     dev = pixel_values.device
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    # made on the host and sent without waiting: torch.tensor(..., device=gpu) is a blocking copy (a sync)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).to(dev, non_blocking=True).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).to(dev, non_blocking=True).view(1, 3, 1, 1)
     x = pixel_values.to(torch.float32).mul_(1.0 / (255.0 * std)).add_(-mean / std)
     return x.to(dtype)
 
