@@ -402,28 +402,37 @@ def load(engine, path: Path, loader, rank: int, world_size: int) -> Counters:
 UNIVERSAL = "universal"
 
 
-def to_universal(path: Path, rank: int) -> Path:
-    """Convert `path/ds` to DeepSpeed's universal format in `path/universal` once (rank 0; others
-    wait): a checkpoint written by N ranks then loads under any world size, optimizer included."""
+def to_universal(path: Path, wait_s: float = 7200.0) -> Path:
+    """Convert `path/ds` to DeepSpeed's universal format in `path/universal` once (rank 0; the
+    others wait up to `wait_s`, evip/rank0_work.py): a checkpoint written by N ranks then loads
+    under any world size, optimizer included."""
+    from evip.rank0_work import on_rank0
+
+    out = path / UNIVERSAL
+
+    def convert() -> None:
+        if not out.is_dir():
+            _convert_to_universal(path, out)
+    on_rank0(f"convert {path} to a universal checkpoint", convert, wait_s)
+    return out
+
+
+def _convert_to_universal(path: Path, out: Path) -> None:
     import subprocess
     import sys
 
-    out = path / UNIVERSAL
-    if rank == 0 and not out.is_dir():
-        tmp = path / f".{UNIVERSAL}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / DS_TAG),
-               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"converting {path} to a universal checkpoint for a new world size failed:\n"
-                               f"{res.stderr[-2000:]}\nResume with the world size that wrote it "
-                               f"({read_meta(path)['world_size']} ranks) instead.")
-        os.replace(tmp, out)
-        _fsync_dir(path)
-    _barrier()
-    return out
+    tmp = path / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / DS_TAG),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"converting {path} to a universal checkpoint for a new world size failed:\n"
+                           f"{res.stderr[-2000:]}\nResume with the world size that wrote it "
+                           f"({read_meta(path)['world_size']} ranks) instead.")
+    os.replace(tmp, out)
+    _fsync_dir(path)
 
 
 # ---- stage hand-off: consolidated fp32 weights ---------------------------------------------

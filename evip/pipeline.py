@@ -66,6 +66,9 @@ class PipelineConfig:
     stages_all: list[str] = field(default_factory=list)   # overrides of every stage, before its own
     seed: int = 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # how long the other ranks wait for rank 0's host work (building and writing the base, converting
+    # a checkpoint to the universal format, writing a stage's weights), polled outside any collective
+    rank0_wait_minutes: float = 120.0
 
 
 @dataclass
@@ -90,6 +93,8 @@ def load_pipeline(path, overrides: Sequence[str] = ()) -> LoadedPipeline:
         else:
             own.append(o)
     cfg = load_config(PipelineConfig, path, own)
+    if not cfg.rank0_wait_minutes > 0:
+        raise ConfigError(f"'rank0_wait_minutes' in {path}: must be > 0 (minutes), got {cfg.rank0_wait_minutes}")
     if not cfg.stages:
         raise ConfigError(f"'stages' in {path}: the pipeline lists no stage")
     stages = []
@@ -162,13 +167,18 @@ def base_source(lp: LoadedPipeline) -> Path:
     return path
 
 
-def prepare_base(lp: LoadedPipeline, run_dir: Path, rank: int):
-    """Materialise base/model.safetensors + model_config.json once (rank 0); return the ModelConfig."""
+def prepare_base(lp: LoadedPipeline, run_dir: Path):
+    """Materialise base/model.safetensors + model_config.json once (rank 0, the others wait:
+    evip/rank0_work.py); return the ModelConfig."""
     from evip.model.config import ModelConfig
+    from evip.rank0_work import on_rank0
 
     base_dir = run_dir / "base"
     cfg_file = base_dir / "model_config.json"
-    if rank == 0 and not (base_dir / ckpt.WEIGHTS).is_file():
+
+    def build() -> None:
+        if (base_dir / ckpt.WEIGHTS).is_file():
+            return
         base_dir.mkdir(parents=True, exist_ok=True)
         b = lp.cfg.base
         if b.source == "random":
@@ -185,9 +195,7 @@ def prepare_base(lp: LoadedPipeline, run_dir: Path, rank: int):
         cfg_file.write_text(json.dumps(dataclasses.asdict(model.cfg), indent=1))
         ckpt.write_weights({n: p.detach().float() for n, p in model.named_parameters()},
                            base_dir / ckpt.WEIGHTS)
-        del model
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    on_rank0("build and write the base weights", build, 60 * lp.cfg.rank0_wait_minutes)
     return ModelConfig(**json.loads(cfg_file.read_text()))
 
 
@@ -234,7 +242,7 @@ def _run_stages(lp: LoadedPipeline, run_dir: Path, rank: int, world_size: int,
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "pipeline.yaml").write_text(to_yaml(lp.cfg))
-    model_cfg = prepare_base(lp, run_dir, rank)
+    model_cfg = prepare_base(lp, run_dir)
     check_pipeline(lp, model_cfg, check_data=loader_factory is None)
     tokenizer = load_tokenizer(run_dir, lp)
     factory = loader_factory or default_loader_factory
@@ -258,6 +266,7 @@ def _run_stages(lp: LoadedPipeline, run_dir: Path, rank: int, world_size: int,
                                    make_loader=factory(stage, source, tokenizer, model_cfg, rank, world_size,
                                                        lp.cfg.seed),
                                    stop=stop, metrics=metrics, on_engine=on_engine,
+                                   rank0_wait_s=60 * lp.cfg.rank0_wait_minutes,
                                    evaluator=Evaluator(tokenizer, model_cfg, rank, world_size, metrics,
                                                        run_dir, factory, lp.cfg.seed))
                 trainer = StageTrainer(ctx)

@@ -28,6 +28,7 @@ from evip.batch import BATCH_KEYS
 from evip.data.accounting import TooManyBadSamples, data_record, gather_stats, one_line
 from evip.engine import build_engine, current_lr
 from evip.metrics import attended_pairs
+from evip.rank0_work import on_rank0
 from evip.signals import Preempted, StopRequest, TooManyNonFinite
 from evip.stages import StageConfig, apply_trainable, frozen_digest, verify_frozen
 
@@ -48,6 +49,7 @@ class StageContext:
     metrics: Any = None                # evip.metrics.Metrics (rank 0 writes)
     evaluator: Any = None              # evip.evals.Evaluator
     on_engine: Optional[Callable[[Any], None]] = None   # tests/benchmarks: see the live engine
+    rank0_wait_s: float = 7200.0       # how long ranks wait for rank 0's host work (rank0_wait_minutes)
 
 
 def planned_steps(stage: StageConfig, world_size: int) -> int:
@@ -91,7 +93,7 @@ class StageTrainer:
         saved_ws = ckpt.read_meta(latest)["world_size"] if latest is not None else c.world_size
         elastic = saved_ws != c.world_size
         if elastic:   # a different world size: DeepSpeed's universal checkpoint + elastic data state
-            ckpt.to_universal(latest, c.rank)
+            ckpt.to_universal(latest, c.rank0_wait_s)
         self.engine = build_engine(model, self.stage, self.total_steps, load_universal=elastic)
         self.device = self.engine.device
         self.frozen_at_start = frozen_digest(self.engine.module)
@@ -237,13 +239,13 @@ class StageTrainer:
         if c.evaluator is not None:
             c.evaluator.evaluate(self.engine, self.stage, self.counters.step, final=True)
         state = ckpt.consolidated_state(self.engine, c.input_weights, c.rank)
-        if c.rank == 0:
+
+        def hand_on() -> None:     # rank 0 alone, the others wait (evip/rank0_work.py)
             ckpt.write_weights(state, c.stage_dir / ckpt.WEIGHTS)
             ckpt.write_atomic(c.stage_dir / ckpt.DONE, f"{self.counters.step}\n")
             if not self.stage.checkpoint.keep_after_stage:     # after DONE: a kill here loses nothing
                 shutil.rmtree(self.ckpt_root, ignore_errors=True)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        on_rank0(f"write the consolidated weights of stage {self.stage.name!r}", hand_on, c.rank0_wait_s)
         return self.counters
 
     def close(self) -> None:

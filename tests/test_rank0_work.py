@@ -106,3 +106,13 @@ def test_failure_is_acknowledged_for_rank0():
     with pytest.raises(Rank0WorkFailed, match=r"rank 0 failed to write x \(OSError: No space left on device\)"):
         _wait(store, "k", 1, "write x", 600, WAIT_KEY)
     assert store.added == {"k/read": 1}
+
+
+def test_wait_bound_is_a_pipeline_key():
+    from trainer_helpers import TINY
+
+    from evip.config import ConfigError
+    from evip.pipeline import load_pipeline
+    assert load_pipeline(TINY, ["rank0_wait_minutes=240", "stages_all.data.recipe=unused.yaml"]).cfg.rank0_wait_minutes == 240.0
+    with pytest.raises(ConfigError, match="'rank0_wait_minutes' in .*must be > 0"):
+        load_pipeline(TINY, ["rank0_wait_minutes=0", "stages_all.data.recipe=unused.yaml"])
