@@ -441,8 +441,11 @@ WEIGHTS = "model.safetensors"
 DONE = "DONE"
 
 
-def build_from_weights(model_cfg, path: Path):
-    """A fresh MonoInternVL whose every parameter is read (fp32) from the safetensors file `path`."""
+def build_from_weights(model_cfg, path: Path, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu"):
+    """A fresh MonoInternVL whose every parameter is read from the safetensors file `path`, in
+    `dtype` on `device` (default fp32 on the CPU, the file's values exactly). Tensor by tensor from
+    the memory-mapped file: a build on a GPU holds one tensor in host memory at a time, never the model."""
     from safetensors import safe_open
 
     from evip.model.meta_load import build_empty, materialize
@@ -455,7 +458,7 @@ def build_from_weights(model_cfg, path: Path):
             if name not in keys:
                 raise KeyError(f"{path} has no tensor {name!r}: it was written for another model config")
             return f.get_tensor(name)
-        materialize(model, produce, torch.float32, lambda name: str(path))
+        materialize(model, produce, dtype, lambda name: str(path), device)
     return model
 
 

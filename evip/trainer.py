@@ -63,6 +63,17 @@ def micro_batch_tokens(stage: StageConfig) -> int:
     return stage.data.token_budget * stage.data.rows
 
 
+def build_placement(stage: StageConfig) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device the stage's model is materialised in: the training device (the GPU
+    init_distributed chose, else the CPU), in bf16 for a bf16 stage. DeepSpeed would cast and move
+    the module there anyway (same values, bit for bit), and the fp32 master weights come from the
+    fp32 weights file (`ckpt.restore_fp32_masters`) or the checkpoint resumed, so nothing is lost;
+    on a GPU no rank holds a copy of the model in host RAM."""
+    dtype = torch.bfloat16 if stage.precision == "bf16" else torch.float32
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return dtype, device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -85,7 +96,7 @@ class StageTrainer:
     # ---- set-up ----------------------------------------------------------------------------
     def build(self) -> None:
         c = self.ctx
-        model = ckpt.build_from_weights(c.model_cfg, c.input_weights)
+        model = ckpt.build_from_weights(c.model_cfg, c.input_weights, *build_placement(self.stage))
         self.trained_groups = apply_trainable(model, self.stage, c.source)   # before the engine exists
         seed_everything(c.seed * 1000 + c.index)
         ckpt.clean_partial(self.ckpt_root, c.rank)
