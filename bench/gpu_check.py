@@ -126,7 +126,7 @@ def count_syncs(step) -> tuple[int, list]:
 
 
 def check_stage_step(args, cfg, device: torch.device) -> dict:
-    from evip import checkpoint as ckpt
+    from evip import stage_weights
     from evip.commands.plan import stage_memory
     from evip.metrics import peak_flops, step_flops
     from evip.model.mono import MonoInternVL
@@ -134,7 +134,7 @@ def check_stage_step(args, cfg, device: torch.device) -> dict:
     weights = Path(tempfile.mkdtemp()) / "model.safetensors"
     torch.manual_seed(0)
     model = MonoInternVL(cfg)
-    ckpt.write_weights({n: p.detach().float() for n, p in model.named_parameters()}, weights)
+    stage_weights.write_weights({n: p.detach().float() for n, p in model.named_parameters()}, weights)
     n_params = sum(p.numel() for p in model.parameters())
     del model
     trainer = stage_trainer(args, cfg, weights, device)

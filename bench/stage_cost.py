@@ -107,12 +107,12 @@ def timed(step, reps: int) -> list[float]:
 
 def bare_loop(args, weights: Path, precision: str):
     """The same model, batches, AdamW and schedule in plain PyTorch."""
-    from evip import checkpoint as ckpt
+    from evip import stage_weights
     from evip.engine import lr_lambda, param_groups
     cfg = model_cfg(args)
     stage = stage_cfg("[all]", 0, precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = ckpt.build_from_weights(cfg, weights).to(device)
+    model = stage_weights.build_from_weights(cfg, weights).to(device)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     opt = torch.optim.AdamW(param_groups(model, stage.optim.weight_decay), lr=stage.optim.lr)
@@ -181,13 +181,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
-    from evip import checkpoint as ckpt
+    from evip import stage_weights
     from evip.model.mono import MonoInternVL
     tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
     model = MonoInternVL(model_cfg(args))
     weights = tmp / "model.safetensors"
-    ckpt.write_weights({n: p.detach().float() for n, p in model.named_parameters()}, weights)
+    stage_weights.write_weights({n: p.detach().float() for n, p in model.named_parameters()}, weights)
     n_params = sum(p.numel() for p in model.parameters())
     del model
     peak = {name: run_child(args, name, weights)["peak_bytes"] for name in ("s1_1", "s2")}

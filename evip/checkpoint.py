@@ -1,4 +1,5 @@
-"""Crash-safe checkpoints of one stage that prove themselves, and the weights a stage hands on.
+"""Crash-safe checkpoints of one stage that prove themselves (the weights a stage hands on:
+evip/stage_weights.py; conversion for another world size: evip/universal_checkpoint.py).
 
 Layout of a stage directory:
 
@@ -43,6 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from evip.atomic_files import fsync_dir, write_atomic
+from evip.stage_weights import DONE, WEIGHTS
 from evip.state_files import read_state, write_state
 
 LATEST = "latest"
@@ -50,6 +53,7 @@ META = "meta.json"
 DS_TAG = "ds"
 DAMAGED = "damaged-"
 HASH_CHUNK = 8 << 20
+UNIVERSAL = "universal"             # step_N/universal: the same checkpoint for any world size (evip/universal_checkpoint.py)
 
 
 class CheckpointWriteError(OSError):
@@ -71,24 +75,6 @@ class Counters:
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def rng_state() -> dict:
@@ -295,7 +281,7 @@ def _quarantine(path: Path) -> Path:
     if target.exists():
         target = path.with_name(f"{DAMAGED}{path.name}-{int(time.time())}")
     os.replace(path, target)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return target
 
 
@@ -363,7 +349,7 @@ def save(engine, ckpt_root: Path, counters: Counters, loader, rank: int, world_s
         if final.exists():   # a re-save of the same step (e.g. stage end right after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
         write_atomic(ckpt_root / LATEST, name + "\n")
         prune(ckpt_root, keep_last)
     _barrier()
@@ -397,122 +383,3 @@ def load(engine, path: Path, loader, rank: int, world_size: int) -> Counters:
                            f"delete {path} and point {path.parent / LATEST} at the previous one")
     restore_rank_state(path, loader, rank, world_size, saved_ws)
     return Counters(**meta["counters"])
-
-
-UNIVERSAL = "universal"
-
-
-def to_universal(path: Path, wait_s: float = 7200.0) -> Path:
-    """Convert `path/ds` to DeepSpeed's universal format in `path/universal` once (rank 0; the
-    others wait up to `wait_s`, evip/rank0_work.py): a checkpoint written by N ranks then loads
-    under any world size, optimizer included."""
-    from evip.rank0_work import on_rank0
-
-    out = path / UNIVERSAL
-
-    def convert() -> None:
-        if not out.is_dir():
-            _convert_to_universal(path, out)
-    on_rank0(f"convert {path} to a universal checkpoint", convert, wait_s)
-    return out
-
-
-def _convert_to_universal(path: Path, out: Path) -> None:
-    import subprocess
-    import sys
-
-    tmp = path / f".{UNIVERSAL}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / DS_TAG),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"converting {path} to a universal checkpoint for a new world size failed:\n"
-                           f"{res.stderr[-2000:]}\nResume with the world size that wrote it "
-                           f"({read_meta(path)['world_size']} ranks) instead.")
-    os.replace(tmp, out)
-    _fsync_dir(path)
-
-
-# ---- stage hand-off: consolidated fp32 weights ---------------------------------------------
-
-WEIGHTS = "model.safetensors"
-DONE = "DONE"
-
-
-def build_from_weights(model_cfg, path: Path, dtype: torch.dtype = torch.float32,
-                       device: torch.device | str = "cpu"):
-    """A fresh MonoInternVL whose every parameter is read from the safetensors file `path`, in
-    `dtype` on `device` (default fp32 on the CPU, the file's values exactly). Tensor by tensor from
-    the memory-mapped file: a build on a GPU holds one tensor in host memory at a time, never the model."""
-    from safetensors import safe_open
-
-    from evip.model.meta_load import build_empty, materialize
-
-    model = build_empty(model_cfg)
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-
-        def produce(name, shape):
-            if name not in keys:
-                raise KeyError(f"{path} has no tensor {name!r}: it was written for another model config")
-            return f.get_tensor(name)
-        materialize(model, produce, dtype, lambda name: str(path), device)
-    return model
-
-
-def restore_fp32_masters(engine, weights: Path) -> int:
-    """Under bf16 DeepSpeed makes its fp32 master weights from the bf16-cast module, which would
-    round every trained parameter at each stage start; set them from the fp32 file instead
-    (collective under ZeRO-3). Returns how many were set."""
-    from safetensors import safe_open
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
-    n = 0
-    with safe_open(str(weights), framework="pt") as f:
-        for name, p in engine.module.named_parameters():
-            if p.requires_grad and safe_get_full_fp32_param(p) is not None:
-                safe_set_full_fp32_param(p, f.get_tensor(name).float().to(engine.device))
-                n += 1
-    return n
-
-
-def consolidated_state(engine, start_weights: Path, rank: int) -> dict[str, torch.Tensor] | None:
-    """fp32 weights of the whole model at this instant (collective under ZeRO-3); rank 0 gets them.
-
-    Trained parameters come from DeepSpeed's fp32 master copy (`safe_get_full_fp32_param`, exact
-    under bf16 and every ZeRO stage); frozen ones are read back from the stage's input weights,
-    which `verify_frozen` proves they still equal."""
-    from safetensors import safe_open
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out: dict[str, torch.Tensor] = {}
-    frozen = []
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            frozen.append(name)
-            continue
-        full = safe_get_full_fp32_param(p)
-        if full is None:   # ZeRO-0 fp32: the module holds the master weights itself
-            full = p.detach()
-        if rank == 0:
-            out[name] = full.detach().float().cpu().clone()
-    if rank != 0:
-        return None
-    with safe_open(str(start_weights), framework="pt") as f:
-        for name in frozen:
-            out[name] = f.get_tensor(name).float()
-    return out
-
-
-def write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors, published atomically (temp file + fsync + rename)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)

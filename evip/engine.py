@@ -72,7 +72,7 @@ def deepspeed_config(stage: StageConfig) -> dict:
         "data_types": {"grad_accum_dtype": "fp32"},
     }
     if stage.zero_stage == 3:
-        # consolidation reads the fp32 masters (evip/checkpoint.py), not 16-bit weights at save
+        # consolidation reads the fp32 masters (evip/stage_weights.py), not 16-bit weights at save
         cfg["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
                                          "stage3_param_persistence_threshold": ZERO3_PERSISTENCE_THRESHOLD})
     return cfg

@@ -10,7 +10,7 @@ the training samples were (shared by `evip generate` and `evip export`).
 Which weights (the run-dir layout is evip/pipeline.py's, the stage directory evip/checkpoint.py's):
 the newest there are. A stage in progress with a checkpoint: that checkpoint consolidated to fp32
 (trained parameters from DeepSpeed's fp32 master copies, frozen ones from the stage's input
-weights, as evip.checkpoint.consolidated_state does at stage end; exact). Otherwise the
+weights, as evip.stage_weights.consolidated_state does at stage end; exact). Otherwise the
 consolidated `model.safetensors` of the last stage with a DONE marker. `stage=NAME` picks a stage
 by name the same way, `stage="base"` the untrained base weights.
 
@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from evip import checkpoint as ckpt
+from evip import stage_weights
 
 BASE = "base"
 
@@ -56,7 +57,7 @@ class RunWeights:
     def build(self):
         """A MonoInternVL with every parameter in fp32 from `source`."""
         if self.step is None:
-            return ckpt.build_from_weights(self.model_cfg, self.source)
+            return stage_weights.build_from_weights(self.model_cfg, self.source)
         from evip.model.meta_load import build_empty, materialize
         state = checkpoint_state(self.source, self.stage_dir, self.input_weights)
         model = build_empty(self.model_cfg)
@@ -129,9 +130,9 @@ def latest_weights(run_dir: str | Path, stage: Optional[str] = None) -> RunWeigh
     if not run_dir.is_dir():
         raise InferenceError(f"run directory {run_dir} does not exist")
     model_cfg = _model_config(run_dir)
-    base = run_dir / "base" / ckpt.WEIGHTS
+    base = run_dir / "base" / stage_weights.WEIGHTS
     dirs = stage_dirs(run_dir)
-    unfinished = [d for d in dirs if not (d / ckpt.DONE).is_file()]
+    unfinished = [d for d in dirs if not (d / stage_weights.DONE).is_file()]
     in_progress = unfinished[0].name if unfinished else None
     if stage == BASE:
         return RunWeights(run_dir, base, BASE, None, in_progress, model_cfg)
@@ -145,12 +146,12 @@ def latest_weights(run_dir: str | Path, stage: Optional[str] = None) -> RunWeigh
     else:
         candidates = dirs[::-1]
     for d in candidates:
-        if (d / ckpt.DONE).is_file():
-            return RunWeights(run_dir, d / ckpt.WEIGHTS, d.name, d, in_progress, model_cfg)
+        if (d / stage_weights.DONE).is_file():
+            return RunWeights(run_dir, d / stage_weights.WEIGHTS, d.name, d, in_progress, model_cfg)
         latest = _latest(d)
         if latest is not None:
             k = dirs.index(d)
-            inputs = dirs[k - 1] / ckpt.WEIGHTS if k else base
+            inputs = dirs[k - 1] / stage_weights.WEIGHTS if k else base
             return RunWeights(run_dir, latest, d.name, d, in_progress, model_cfg,
                               step=int(ckpt.read_meta(latest)["counters"]["step"]), input_weights=inputs)
     if stage is not None:

@@ -7,7 +7,7 @@ Run directory:
     pipeline.yaml                 the resolved pipeline config (stage configs in each stage dir)
     base/model.safetensors        the base weights (upcycled LLM, or a seeded random init)
     base/model_config.json        the ModelConfig every stage builds
-    stages/<i>_<name>/            checkpoints, model.safetensors and DONE (evip/checkpoint.py)
+    stages/<i>_<name>/            checkpoints (evip/checkpoint.py), model.safetensors and DONE (evip/stage_weights.py)
     metrics.jsonl                 one line per step and per eval (rank 0)
 Running again on the same directory skips stages whose DONE exists and resumes the first
 unfinished one from its `latest` checkpoint.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from omegaconf import MISSING
 
 from evip import checkpoint as ckpt
+from evip import stage_weights
 from evip.config import PATH_KEYS, ConfigError, load_config, path_rule_dotlist, to_yaml
 from evip.stages import StageConfig, load_stage
 
@@ -177,7 +177,7 @@ def prepare_base(lp: LoadedPipeline, run_dir: Path):
     cfg_file = base_dir / "model_config.json"
 
     def build() -> None:
-        if (base_dir / ckpt.WEIGHTS).is_file():
+        if (base_dir / stage_weights.WEIGHTS).is_file():
             return
         base_dir.mkdir(parents=True, exist_ok=True)
         b = lp.cfg.base
@@ -193,8 +193,8 @@ def prepare_base(lp: LoadedPipeline, run_dir: Path):
         if tok is not None:
             tok.save_pretrained(str(base_dir / "tokenizer"))
         cfg_file.write_text(json.dumps(dataclasses.asdict(model.cfg), indent=1))
-        ckpt.write_weights({n: p.detach().float() for n, p in model.named_parameters()},
-                           base_dir / ckpt.WEIGHTS)
+        stage_weights.write_weights({n: p.detach().float() for n, p in model.named_parameters()},
+                           base_dir / stage_weights.WEIGHTS)
     on_rank0("build and write the base weights", build, 60 * lp.cfg.rank0_wait_minutes)
     return ModelConfig(**json.loads(cfg_file.read_text()))
 
@@ -248,13 +248,13 @@ def _run_stages(lp: LoadedPipeline, run_dir: Path, rank: int, world_size: int,
     factory = loader_factory or default_loader_factory
     metrics = Metrics(run_dir, rank, model_cfg, lp.cfg.wandb, lp.cfg.name) if metrics_enabled else None
     results = []
-    previous = run_dir / "base" / ckpt.WEIGHTS
+    previous = run_dir / "base" / stage_weights.WEIGHTS
     try:
         with StopRequest() as stop:
             for i, (stage, source) in enumerate(lp.stages):
                 sdir = stage_dir(run_dir, i, stage)
-                if (sdir / ckpt.DONE).is_file():
-                    previous = sdir / ckpt.WEIGHTS
+                if (sdir / stage_weights.DONE).is_file():
+                    previous = sdir / stage_weights.WEIGHTS
                     continue
                 if rank == 0:
                     sdir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +272,7 @@ def _run_stages(lp: LoadedPipeline, run_dir: Path, rank: int, world_size: int,
                 trainer = StageTrainer(ctx)
                 results.append(trainer.run())
                 trainer.close()
-                previous = sdir / ckpt.WEIGHTS
+                previous = sdir / stage_weights.WEIGHTS
     finally:
         if metrics is not None:
             metrics.close()

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from evip import checkpoint as ckpt
+from evip import stage_weights, universal_checkpoint
+from evip.atomic_files import write_atomic
 from evip.batch import BATCH_KEYS
 from evip.data.accounting import TooManyBadSamples, data_record, gather_stats, one_line
 from evip.engine import build_engine, current_lr
@@ -67,7 +69,7 @@ def build_placement(stage: StageConfig) -> tuple[torch.dtype, torch.device]:
     """The dtype and device the stage's model is materialised in: the training device (the GPU
     init_distributed chose, else the CPU), in bf16 for a bf16 stage. DeepSpeed would cast and move
     the module there anyway (same values, bit for bit), and the fp32 master weights come from the
-    fp32 weights file (`ckpt.restore_fp32_masters`) or the checkpoint resumed, so nothing is lost;
+    fp32 weights file (`stage_weights.restore_fp32_masters`) or the checkpoint resumed, so nothing is lost;
     on a GPU no rank holds a copy of the model in host RAM."""
     dtype = torch.bfloat16 if stage.precision == "bf16" else torch.float32
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -96,7 +98,7 @@ class StageTrainer:
     # ---- set-up ----------------------------------------------------------------------------
     def build(self) -> None:
         c = self.ctx
-        model = ckpt.build_from_weights(c.model_cfg, c.input_weights, *build_placement(self.stage))
+        model = stage_weights.build_from_weights(c.model_cfg, c.input_weights, *build_placement(self.stage))
         self.trained_groups = apply_trainable(model, self.stage, c.source)   # before the engine exists
         seed_everything(c.seed * 1000 + c.index)
         ckpt.clean_partial(self.ckpt_root, c.rank)
@@ -104,14 +106,14 @@ class StageTrainer:
         saved_ws = ckpt.read_meta(latest)["world_size"] if latest is not None else c.world_size
         elastic = saved_ws != c.world_size
         if elastic:   # a different world size: DeepSpeed's universal checkpoint + elastic data state
-            ckpt.to_universal(latest, c.rank0_wait_s)
+            universal_checkpoint.to_universal(latest, c.rank0_wait_s)
         self.engine = build_engine(model, self.stage, self.total_steps, load_universal=elastic)
         self.device = self.engine.device
         self.frozen_at_start = frozen_digest(self.engine.module)
         self.loader = c.make_loader()
         if latest is None:
             if self.stage.precision == "bf16":
-                ckpt.restore_fp32_masters(self.engine, c.input_weights)
+                stage_weights.restore_fp32_masters(self.engine, c.input_weights)
             self.counters = ckpt.Counters()
             seed_everything(c.seed * 1000 + c.index + 7919 * c.rank)
         else:
@@ -249,11 +251,11 @@ class StageTrainer:
         verify_frozen(self.frozen_at_start, frozen_digest(self.engine.module), self.stage.name)
         if c.evaluator is not None:
             c.evaluator.evaluate(self.engine, self.stage, self.counters.step, final=True)
-        state = ckpt.consolidated_state(self.engine, c.input_weights, c.rank)
+        state = stage_weights.consolidated_state(self.engine, c.input_weights, c.rank)
 
         def hand_on() -> None:     # rank 0 alone, the others wait (evip/rank0_work.py)
-            ckpt.write_weights(state, c.stage_dir / ckpt.WEIGHTS)
-            ckpt.write_atomic(c.stage_dir / ckpt.DONE, f"{self.counters.step}\n")
+            stage_weights.write_weights(state, c.stage_dir / stage_weights.WEIGHTS)
+            write_atomic(c.stage_dir / stage_weights.DONE, f"{self.counters.step}\n")
             if not self.stage.checkpoint.keep_after_stage:     # after DONE: a kill here loses nothing
                 shutil.rmtree(self.ckpt_root, ignore_errors=True)
         on_rank0(f"write the consolidated weights of stage {self.stage.name!r}", hand_on, c.rank0_wait_s)

@@ -161,7 +161,8 @@ def test_export_copies_the_released_modelling_files(run, capsys, tmp_path):
 def test_checkpoint_consolidation_is_exact_under_zero3_bf16(tmp_path):
     """bf16 + ZeRO-3, all four stages (S2 trains everything): each stage's last checkpoint,
     consolidated as for a stage in progress, equals the weights the stage end wrote."""
-    from evip.checkpoint import WEIGHTS, latest_checkpoint
+    from evip.checkpoint import latest_checkpoint
+    from evip.stage_weights import WEIGHTS
     from evip.inference import RunWeights, stage_dirs
     from trainer_helpers import TINY, generated_factory
 

@@ -106,7 +106,7 @@ def test_run_accuracy_from_a_run_dir(questions, tmp_path):
     import dataclasses
     import json
 
-    from evip.checkpoint import DONE, WEIGHTS, write_weights
+    from evip.stage_weights import DONE, WEIGHTS, write_weights
     from evip.cli import main
     from evip.config import to_yaml
     from evip.stages import StageConfig

@@ -156,13 +156,13 @@ def test_layout_errors_name_the_fix():
 # ---- the real training step: the real loader's batches through StageTrainer.train_step ----------
 
 def _trainer(tmp: Path, model_cfg, batches):
-    from evip import checkpoint as ckpt
+    from evip import stage_weights
     from evip.config import load_config
     from evip.stages import StageConfig
     from evip.trainer import StageContext, StageTrainer
     torch.manual_seed(0)
     weights = tmp / "model.safetensors"
-    ckpt.write_weights({n: p.detach() for n, p in MonoInternVL(model_cfg).named_parameters()}, weights)
+    stage_weights.write_weights({n: p.detach() for n, p in MonoInternVL(model_cfg).named_parameters()}, weights)
     stage = load_config(StageConfig, None, ["name=syncs", "trainable=[all]", "steps=100", "zero_stage=0",
                                             "precision=fp32", "grad_accum=2", "data.recipe=unused",
                                             "schedule.kind=constant", "eval.text_corpus=''"])

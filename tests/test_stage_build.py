@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from evip import checkpoint as ckpt
+from evip import stage_weights
 from evip.model.mono import MonoInternVL
 from evip.stages import StageConfig
 from evip.trainer import build_placement
@@ -28,7 +28,7 @@ import json, sys
 import accelerate, torch
 sys.path.insert(0, sys.argv[3])
 from conftest import tiny_model_config
-from evip import checkpoint as ckpt
+from evip import stage_weights
 from evip.model.meta_load import build_empty
 from evip.stages import StageConfig
 from evip.trainer import build_placement
@@ -41,7 +41,7 @@ def status(field):
 cfg = tiny_model_config(**json.loads(sys.argv[2]))
 build_empty(cfg)                      # one-time costs of a first construction, not the build's
 before = {k: status(k) for k in ("VmRSS", "RssAnon")}
-model = ckpt.build_from_weights(cfg, sys.argv[1], *build_placement(StageConfig(name="s", precision="bf16")))
+model = stage_weights.build_from_weights(cfg, sys.argv[1], *build_placement(StageConfig(name="s", precision="bf16")))
 params = list(model.parameters())
 print(json.dumps({"peak_above_start": status("VmHWM") - before["VmRSS"],
                   "anon_after": status("RssAnon") - before["RssAnon"],
@@ -61,8 +61,8 @@ def _weights(tmp_path: Path, **cfg) -> Path:
     model = model.to_empty(device="cpu")
     for p in model.parameters():
         p.data.normal_(0, 0.02)
-    path = tmp_path / ckpt.WEIGHTS
-    ckpt.write_weights({n: p.detach() for n, p in model.named_parameters()}, path)
+    path = tmp_path / stage_weights.WEIGHTS
+    stage_weights.write_weights({n: p.detach() for n, p in model.named_parameters()}, path)
     return path
 
 
@@ -79,9 +79,9 @@ def test_bf16_build_is_deepspeeds_cast_of_the_fp32_build_and_fp32_is_the_file(tm
     path = _weights(tmp_path)
     from safetensors.torch import load_file
     file = load_file(str(path))
-    fp32 = dict(ckpt.build_from_weights(cfg, path, *build_placement(StageConfig(name="s", precision="fp32")))
+    fp32 = dict(stage_weights.build_from_weights(cfg, path, *build_placement(StageConfig(name="s", precision="fp32")))
                 .named_parameters())
-    bf16 = dict(ckpt.build_from_weights(cfg, path, *build_placement(StageConfig(name="s", precision="bf16")))
+    bf16 = dict(stage_weights.build_from_weights(cfg, path, *build_placement(StageConfig(name="s", precision="bf16")))
                 .named_parameters())
     assert fp32.keys() == bf16.keys() == file.keys()
     for name, t in file.items():

@@ -196,7 +196,7 @@ def heldout_accuracy(model, builder, questions_path: str | Path, limit: int | No
 
 def final_stage_dir(run_dir: Path) -> Path:
     """The last finished stage of a run (stages/<i>_<name>/ with DONE, highest i)."""
-    from evip.checkpoint import DONE
+    from evip.stage_weights import DONE
     from evip.inference import stage_dirs
 
     done = [d for d in stage_dirs(Path(run_dir)) if (d / DONE).is_file()]
