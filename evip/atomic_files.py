@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 
 def fsync_dir(path: Path) -> None:
@@ -15,12 +16,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """`text` into `path`, published whole."""
+def publish(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temp file beside `path`; it is then fsynced and renamed onto `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
+    write(tmp)
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`text` into `path`, published whole."""
+    publish(path, lambda tmp: tmp.write_text(text))

@@ -53,7 +53,7 @@ META = "meta.json"
 DS_TAG = "ds"
 DAMAGED = "damaged-"
 HASH_CHUNK = 8 << 20
-UNIVERSAL = "universal"             # step_N/universal: the same checkpoint for any world size (evip/universal_checkpoint.py)
+UNIVERSAL = "universal"   # step_N/universal: loadable under any world size (evip/universal_checkpoint.py)
 
 
 class CheckpointWriteError(OSError):

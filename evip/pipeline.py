@@ -7,7 +7,8 @@ Run directory:
     pipeline.yaml                 the resolved pipeline config (stage configs in each stage dir)
     base/model.safetensors        the base weights (upcycled LLM, or a seeded random init)
     base/model_config.json        the ModelConfig every stage builds
-    stages/<i>_<name>/            checkpoints (evip/checkpoint.py), model.safetensors and DONE (evip/stage_weights.py)
+    stages/<i>_<name>/            checkpoints (evip/checkpoint.py); model.safetensors and DONE
+                                  (evip/stage_weights.py)
     metrics.jsonl                 one line per step and per eval (rank 0)
 Running again on the same directory skips stages whose DONE exists and resumes the first
 unfinished one from its `latest` checkpoint.
@@ -194,7 +195,7 @@ def prepare_base(lp: LoadedPipeline, run_dir: Path):
             tok.save_pretrained(str(base_dir / "tokenizer"))
         cfg_file.write_text(json.dumps(dataclasses.asdict(model.cfg), indent=1))
         stage_weights.write_weights({n: p.detach().float() for n, p in model.named_parameters()},
-                           base_dir / stage_weights.WEIGHTS)
+                                    base_dir / stage_weights.WEIGHTS)
     on_rank0("build and write the base weights", build, 60 * lp.cfg.rank0_wait_minutes)
     return ModelConfig(**json.loads(cfg_file.read_text()))
 

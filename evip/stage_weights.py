@@ -3,12 +3,11 @@ then `DONE` (the stage is finished); a stage's model is built from its input wei
 tensor in its precision on its device."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from evip.atomic_files import fsync_dir
+from evip.atomic_files import publish
 
 WEIGHTS = "model.safetensors"
 DONE = "DONE"
@@ -83,9 +82,5 @@ def write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors, published atomically (temp file + fsync + rename)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    publish(path, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                                        metadata={"format": "pt"}))
